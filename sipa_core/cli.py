@@ -1,0 +1,123 @@
+"""The ``sipa`` command: ``sipa score`` counts a model by the MicroNet rules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sipa_core.errors import SipaError, exits_cleanly
+
+
+def _resolve_arch(text: str, num_classes: int | None):
+    from sipa_core.models import get_spec, make_spec
+    from sipa_core.params import load_yaml
+
+    overrides = {} if num_classes is None else {"num_classes": num_classes}
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        spec = load_yaml(text)
+        spec = spec.get("arch", spec) if isinstance(spec, dict) else spec
+        if not isinstance(spec, dict) or "family" not in spec:
+            raise SipaError(f"{text}: expected an architecture spec with a 'family' key")
+        fields = {k: v for k, v in spec.items() if k != "family"}
+        return make_spec(spec["family"], **{**fields, **overrides})
+    return get_spec(text, **overrides)
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,.0f}" if abs(n - round(n)) < 1e-6 else f"{n:,.2f}"
+
+
+def format_report(result, name: str, layers: bool) -> str:
+    s = result.summary()
+    lines = []
+    if layers:
+        rows = result.layer_table()
+        width = max([len("module")] + [len(r["module"] or "(model)") for r in rows])
+        lines.append(f"{'module':<{width}}  {'ops':<22} {'mults':>14} {'adds':>14} {'params bytes':>13}")
+        for r in rows:
+            lines.append(f"{r['module'] or '(model)':<{width}}  {r['ops'][:22]:<22} {_fmt(r['mults']):>14} "
+                         f"{_fmt(r['adds']):>14} {_fmt(r['params_bytes']):>13}")
+        lines.append("")
+    if result.blocks:
+        lines.append("cumulative ops at block ends: " + ", ".join(
+            f"{b.name.split('.')[-1]}:{b.ops / 1e6:.3f}M" for b in result.blocks))
+    lines += [
+        f"model           {name}  (input {tuple(result.input_shape[1:])}, {s['bits']}-bit values)",
+        f"parameters      {_fmt(s['params'])} (32-bit equivalent), {s['params_mb']:.6f} MB,"
+        f" weight sparsity {s['weight_sparsity']:.2%}",
+        f"math ops        {_fmt(s['ops'])} (32-bit equivalent) = {_fmt(s['mults'])} mults x {result.mult_scale:g}"
+        f" + {_fmt(s['adds'])} adds",
+        f"params score    {s['params_score']:.6f}",
+        f"ops score       {s['ops_score']:.6f}",
+        f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_score(args) -> int:
+    from sipa_core.checkpoint import load_model
+    from sipa_core.models import build_model
+    from sipa_core.scoring import count
+
+    if args.arch is None and args.checkpoint is None:
+        raise SipaError("sipa score: give --arch NAME (or a spec .yaml) and/or --checkpoint PATH")
+    spec = _resolve_arch(args.arch, args.num_classes) if args.arch else None
+    if args.checkpoint:
+        model, _ = load_model(args.checkpoint, spec)
+    else:
+        model = build_model(spec)
+    size = args.input_size or model.spec.get("image_size", 32)
+    result = count(model, (3, size, size), bits=args.bits, uniform_sparsity=args.uniform_sparsity)
+    name = model.spec.get("name") or args.arch or args.checkpoint
+    if args.json:
+        out = result.summary()
+        out["arch"] = name
+        if args.layers:
+            out["layers"] = result.layer_table()
+            out["blocks"] = [{"name": b.name, "mults": b.mults, "adds": b.adds, "ops": b.ops}
+                             for b in result.blocks]
+        print(json.dumps(out, indent=2, default=list))
+    else:
+        print(format_report(result, name, args.layers))
+    return 0
+
+
+def cmd_archs(args) -> int:
+    from sipa_core.models import ARCHITECTURES, get_spec
+
+    for name in sorted(ARCHITECTURES):
+        spec = get_spec(name)
+        extra = ", ".join(f"{k}={spec[k]}" for k in ("width", "depth", "resolution", "widen") if k in spec)
+        print(f"{name:<18} {spec['family']:<13} {extra}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sipa", description="SIPA: efficient networks under a MicroNet budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="count a model's parameters and math ops by the MicroNet rules")
+    s.add_argument("--arch", help="registered architecture name (see `sipa archs`) or an architecture .yaml")
+    s.add_argument("--checkpoint", help="sipa checkpoint (holds its architecture) or a state_dict with --arch")
+    s.add_argument("--bits", type=int, default=16, help="bits per value: 16 = the freebie (default), 32, or fewer")
+    s.add_argument("--uniform-sparsity", type=float, default=None, metavar="S",
+                   help="count as if every weight tensor (ndim > 1) had sparsity S (planning estimate)")
+    s.add_argument("--num-classes", type=int, default=None, help="override the architecture's class count")
+    s.add_argument("--input-size", type=int, default=None, help="data image size (default: the spec's)")
+    s.add_argument("--layers", action="store_true", help="also show the per-layer table and block costs")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_score)
+    a = sub.add_parser("archs", help="list the registered architectures")
+    a.set_defaults(func=cmd_archs)
+    return p
+
+
+@exits_cleanly
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

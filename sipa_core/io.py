@@ -1,0 +1,69 @@
+"""Atomic file writes and safe checkpoint loading.
+
+Every file a stage writes goes to a temporary file in the same folder and is
+renamed into place, so no reader ever sees half a file and a failed write
+leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sipa_core.errors import SipaError
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return _atomic(path, lambda fh: fh.write(text), "w")
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(path, obj) -> Path:
+    return _atomic(path, lambda fh: torch.save(obj, fh), "wb")
+
+
+def load_checkpoint(path, what: str = "checkpoint") -> Any:
+    """Load a torch file with ``weights_only=True``; any failure is a SipaError.
+
+    Files that carry pickled code (anything but tensors, numbers, strings and
+    containers of them) are refused by torch's weights-only unpickler.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SipaError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt/unsafe files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            reason = "it holds pickled code or objects that are not plain tensors, refused for safety"
+        else:
+            reason = f"it is truncated, corrupt or not a torch file ({first[:160]})"
+        raise SipaError(f"{path}: cannot read {what}: {reason}") from None

@@ -1,0 +1,159 @@
+"""EfficientNet/MBConv networks built from block arguments and compound
+scaling coefficients (width, depth, resolution)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from sipa_core.errors import SipaError
+from sipa_core.models.blocks import BlockArgs, decode_blocks, round_filters, scale_blocks
+from sipa_core.models.layers import ConvBNAct, SqueezeExcite, drop_connect, make_activation, same_padding
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Where a block ends: the place an early exit can attach."""
+
+    index: int
+    out_channels: int
+    out_size: int
+    name: str
+
+
+class MBConv(nn.Module):
+    """Inverted residual: [1x1 expand] -> depthwise kxk -> [SE] -> 1x1 project (+ residual)."""
+
+    def __init__(self, args: BlockArgs, act: str, nominal: int, drop_rate: float, bn_eps: float,
+                 bn_momentum: float):
+        super().__init__()
+        mid = args.in_ch * args.expand
+        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        self.expand = ConvBNAct(args.in_ch, mid, 1, act=act, nominal=nominal, **bn) if args.expand != 1 else None
+        self.depthwise = ConvBNAct(mid, mid, args.kernel, args.stride, groups=mid, act=act, nominal=nominal, **bn)
+        # SE width from the block's *input* channels (the authors' choice), acting on the expanded tensor.
+        self.se = (SqueezeExcite(mid, max(1, int(args.in_ch * args.se_ratio)), act)
+                   if args.se_ratio else None)
+        self.project = ConvBNAct(mid, args.out_ch, 1, act=None, nominal=math.ceil(nominal / args.stride), **bn)
+        self.residual = args.skip and args.stride == 1 and args.in_ch == args.out_ch
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        out = x if self.expand is None else self.expand(x)
+        out = self.depthwise(out)
+        if self.se is not None:
+            out = self.se(out)
+        out = self.project(out)
+        if self.residual:
+            out = drop_connect(out, self.drop_rate, self.training) + x
+        return out
+
+
+def _conv_out(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - kernel) // stride + 1
+
+
+class EfficientNet(nn.Module):
+    """Upsample (nearest) -> stem -> MBConv blocks -> head -> pool -> dropout -> linear."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = dict(spec)
+        act, bn = spec["activation"], dict(bn_eps=spec["bn_eps"], bn_momentum=spec["bn_momentum"])
+        image = spec["image_size"]
+        self.input_size = math.ceil(image * spec["resolution"])
+        self.upsample = (nn.Upsample(size=(self.input_size, self.input_size), mode="nearest")
+                         if self.input_size != image else nn.Identity())
+        blocks = scale_blocks(decode_blocks(spec["blocks"]), spec["width"], spec["depth"])
+        stem_ch = blocks[0].in_ch
+        nominal, size = image, self.input_size
+        self.stem = ConvBNAct(3, stem_ch, 3, 2, act=act, nominal=nominal, **bn)
+        size, nominal = _conv_out(size, 3, 2, same_padding(3, 2, nominal)), math.ceil(nominal / 2)
+        if size < 1:
+            raise SipaError(f"architecture: the stem leaves no pixels at input size {self.input_size}")
+
+        total = sum(b.repeats for b in blocks)
+        layers, infos, prev_out = [], [], stem_ch
+        for stage in blocks:
+            if stage.in_ch != prev_out:
+                # Stages must chain: a mismatch is a malformed architecture, not something to guess around.
+                raise SipaError(f"architecture: block {stage.encode()!r} takes {stage.in_ch} channels "
+                                f"but the previous layer gives {prev_out} (after width scaling)")
+            for r in range(stage.repeats):
+                args = stage if r == 0 else BlockArgs(1, stage.kernel, 1, stage.expand, stage.out_ch,
+                                                      stage.out_ch, stage.se_ratio, stage.skip)
+                rate = spec["drop_connect"] * len(layers) / total
+                layers.append(MBConv(args, act, nominal, rate, **bn))
+                size = _conv_out(size, args.kernel, args.stride, same_padding(args.kernel, args.stride, nominal))
+                nominal = math.ceil(nominal / args.stride)
+                if size < 1:
+                    raise SipaError(f"architecture: block {len(layers) - 1} ({stage.encode()}) leaves no "
+                                    f"pixels at input size {self.input_size}; use fewer stride-2 blocks")
+                infos.append(BlockInfo(len(layers) - 1, args.out_ch, size, f"blocks.{len(layers) - 1}"))
+            prev_out = stage.out_ch
+        self.blocks = nn.ModuleList(layers)
+        self.block_info = tuple(infos)
+        head_ch = round_filters(spec["head"], spec["width"])
+        self.head = ConvBNAct(prev_out, head_ch, 1, act=act, nominal=nominal, **bn)
+        self.dropout = nn.Dropout(spec["dropout"])
+        self.classifier = nn.Linear(head_ch, spec["num_classes"])
+        self.num_features = head_ch
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.weight.shape[1])
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    def boundaries(self) -> tuple[BlockInfo, ...]:
+        """Block ends, in order: where an early exit can attach."""
+        return self.block_info
+
+    def forward_stem(self, x):
+        return self.stem(self.upsample(x))
+
+    def forward_blocks(self, x, start: int = 0, stop: int | None = None):
+        """Run blocks[start:stop] on a feature map (lets exits split the network)."""
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def forward_head(self, x):
+        x = self.head(x).mean((2, 3))
+        return self.classifier(self.dropout(x))
+
+    def forward(self, x):
+        return self.forward_head(self.forward_blocks(self.forward_stem(x)))
+
+
+def efficientnet_spec(blocks, *, width=1.0, depth=1.0, resolution=1.0, image_size=32, num_classes=100,
+                      head=1280, activation="swish", dropout=0.2, drop_connect=0.2, bn_eps=1e-3,
+                      bn_momentum=0.01, name=None) -> dict:
+    """A complete, plain-data description of an EfficientNet-family network."""
+    if isinstance(blocks, str):
+        blocks = [blocks]
+    spec = dict(family="efficientnet", name=name, blocks=[b.encode() for b in decode_blocks(blocks)],
+                width=float(width), depth=float(depth), resolution=float(resolution),
+                image_size=int(image_size), num_classes=int(num_classes), head=int(head),
+                activation=activation, dropout=float(dropout), drop_connect=float(drop_connect),
+                bn_eps=float(bn_eps), bn_momentum=float(bn_momentum))
+    for key in ("width", "depth", "resolution"):
+        if not spec[key] > 0:
+            raise SipaError(f"architecture: {key} must be > 0, got {spec[key]}")
+    if spec["image_size"] < 1 or spec["num_classes"] < 1 or spec["head"] < 1:
+        raise SipaError("architecture: image_size, num_classes and head must be positive")
+    if not 0 <= spec["dropout"] < 1 or not 0 <= spec["drop_connect"] < 1:
+        raise SipaError("architecture: dropout and drop_connect must be in [0, 1)")
+    make_activation(activation)  # fails early on an unknown name
+    return spec

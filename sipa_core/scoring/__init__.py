@@ -1,0 +1,7 @@
+"""The MicroNet scorer: ``count(model, input_shape, bits=16, ...)``."""
+
+from sipa_core.scoring.counter import (REFERENCE_BYTES, REFERENCE_OPS, REFERENCE_PARAMS, BlockCost, CountResult,
+                                       OpCost, TensorCost, count, expected_ops)
+
+__all__ = ["REFERENCE_BYTES", "REFERENCE_OPS", "REFERENCE_PARAMS", "BlockCost", "CountResult", "OpCost",
+           "TensorCost", "count", "expected_ops"]
