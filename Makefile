@@ -18,8 +18,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
+# Stage commands say `python`: the venv's, first on PATH.
 repro: $(STAMP)
-	$(BIN)/dvc repro $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -1,0 +1,239 @@
+"""The ``prepare`` stage: one compact, deterministic file with train/val/test.
+
+``prepare(cfg)`` reads a source (see ``sources``), holds out a validation set
+stratified by class, computes the per-channel normalisation from the training
+split only, and writes everything as uint8 tensors in a single torch file that
+loads with ``weights_only=True``. The same parameters and the same data give
+the same tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from sipa_core.data.sources import SOURCES, plan_source
+from sipa_core.errors import SipaError
+from sipa_core.io import atomic_torch_save, atomic_write_json, load_checkpoint
+from sipa_core.params import Field, check_section
+
+FORMAT = "sipa-prepared"
+VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def _non_empty(value: str) -> str | None:
+    return "must not be empty" if not value.strip() else None
+
+
+def _class_list(value: list) -> str | None:
+    if not value:
+        return "must list at least one class name, or be null for all classes"
+    bad = [v for v in value if not isinstance(v, str)]
+    return f"class names must be strings, got {bad[0]!r}" if bad else None
+
+
+PREPARE_SCHEMA = {
+    "source": Field(str, "cifar100", choices=SOURCES, help="where the images come from"),
+    "root": Field(str, "data/raw", check=_non_empty,
+                  help="cifar: folder holding the extracted archive; imagefolder: the folder itself"),
+    "download": Field(bool, True, help="cifar: try to download when the files are absent"),
+    "val_size": Field(int, 5000, min=0, help="training images held out for validation, stratified; 0 = none"),
+    "images_per_class": Field(int, None, nullable=True, min=1, help="at most this many training images per class"),
+    "test_images_per_class": Field(int, None, nullable=True, min=1, help="at most this many test images per class"),
+    "classes": Field(list, None, nullable=True, check=_class_list, help="class names to keep; null = all"),
+    "image_size": Field(int, None, nullable=True, min=8, help="resize every image to this square size"),
+    "seed": Field(int, 0, min=0, max=2**63 - 1, help="seeds the subset choice and the validation split"),
+    "out": Field(str, "data/prepared/dataset.pt", check=_non_empty),
+    "metrics": Field(str, "metrics/prepare.json", check=_non_empty),
+}
+
+# The parameters that decide the content of the prepared file (stored in it).
+_DATA_KEYS = ("source", "root", "classes", "images_per_class", "test_images_per_class",
+              "image_size", "val_size", "seed")
+
+
+@dataclass
+class PreparedData:
+    """A prepared data set: uint8 images ``N x 3 x H x W`` and int64 labels per split."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+    mean: list[float]  # per channel, of train pixels / 255
+    std: list[float]
+    source: dict
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return tuple(self.train_x.shape[2:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+
+def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
+            progress: bool | None = None) -> dict:
+    """Build the prepared file and the metrics file from a ``prepare`` section.
+
+    ``cfg`` is checked against ``PREPARE_SCHEMA`` (defaults filled in) and the
+    split is planned before any image is decoded, so mistakes fail fast.
+    ``params_file`` only names the file in messages. Returns the metrics.
+    """
+    cfg = check_section(cfg, PREPARE_SCHEMA, file=params_file, section="prepare")
+    where = f"{params_file}: prepare"
+    plan = plan_source(
+        cfg["source"], cfg["root"], download=cfg["download"], classes=cfg["classes"],
+        images_per_class=cfg["images_per_class"], test_images_per_class=cfg["test_images_per_class"],
+        image_size=cfg["image_size"], seed=cfg["seed"], where=where,
+    )
+    train_idx, val_idx = split_train_val(plan.train_y, len(plan.classes), cfg["val_size"], cfg["seed"], where)
+    raw = plan.decode(progress)
+
+    data = {
+        "format": FORMAT,
+        "version": VERSION,
+        "train_x": raw.train_x[train_idx].contiguous(),
+        "train_y": raw.train_y[train_idx].contiguous(),
+        "val_x": raw.train_x[val_idx].contiguous(),
+        "val_y": raw.train_y[val_idx].contiguous(),
+        "test_x": raw.test_x.contiguous(),
+        "test_y": raw.test_y.contiguous(),
+        "classes": list(raw.classes),
+    }
+    data["mean"], data["std"] = channel_stats(data["train_x"])
+    data["source"] = {key: cfg[key] for key in _DATA_KEYS}
+    atomic_torch_save(cfg["out"], data)
+    metrics = _metrics(data)
+    atomic_write_json(cfg["metrics"], metrics)
+    return metrics
+
+
+def stratified_counts(class_sizes: list[int], val_size: int) -> list[int]:
+    """How many of each class to hold out: proportional to class size
+    (equal for balanced classes), rounded by largest remainder, and never a
+    class's last training image. Requires ``val_size <= sum - len``."""
+    total = sum(class_sizes)
+    quotas = [val_size * n / total for n in class_sizes]
+    counts = [int(q) for q in quotas]
+    # Hand out what rounding down left over, largest remainder first (ties:
+    # lower class index), one per class per round, skipping full classes.
+    order = sorted(range(len(counts)), key=lambda c: (counts[c] - quotas[c], c))
+    left = val_size - sum(counts)
+    while left > 0:
+        room = [c for c in order if counts[c] < class_sizes[c] - 1][:left]
+        if not room:
+            raise ValueError(f"stratified_counts: {val_size} does not fit in classes of sizes {class_sizes}")
+        for c in room:
+            counts[c] += 1
+        left -= len(room)
+    return counts
+
+
+def split_train_val(labels: torch.Tensor, num_classes: int, val_size: int, seed: int,
+                    where: str = "prepare") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ascending) of the training and validation images, stratified by class."""
+    members = [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+    sizes = [len(m) for m in members]
+    pool = sum(sizes)
+    if val_size > pool - num_classes:
+        raise SipaError(
+            f"{where}.val_size: {val_size} is too large for the {pool} training images selected "
+            f"({num_classes} classes): at most {pool - num_classes}, so every class keeps a training image"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    val = [m[torch.randperm(len(m), generator=gen)[:k]] for m, k in zip(members, stratified_counts(sizes, val_size))]
+    val_idx = torch.sort(torch.cat(val)).values if val else torch.empty(0, dtype=torch.int64)
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[val_idx] = True
+    return torch.nonzero(~is_val).flatten(), val_idx
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of ``x / 255`` for uint8 ``N x C x H x W``.
+
+    Counted from a histogram of the 256 byte values: exact in float64 and
+    without a float copy of the whole set (45,000 CIFAR images would need 1.1 GB).
+    """
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.numel() == 0:
+        raise ValueError("channel_stats: expected a non-empty uint8 N x C x H x W tensor")
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        var = (counts * (values - mean) ** 2).sum() / n
+        means.append(float(mean))
+        stds.append(float(var.sqrt()))
+    return means, stds
+
+
+def _metrics(data: dict) -> dict:
+    height, width = data["train_x"].shape[2:]
+    return {
+        **{f"{s}_images": len(data[f"{s}_y"]) for s in SPLITS},
+        "num_classes": len(data["classes"]),
+        "image_height": int(height),
+        "image_width": int(width),
+        "mean": dict(zip("rgb", data["mean"])),
+        "std": dict(zip("rgb", data["std"])),
+    }
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Read a file written by ``prepare``; anything else is a SipaError naming it."""
+    path = Path(path)
+    obj = load_checkpoint(path, what="prepared data")
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise SipaError(f"{path}: not a {FORMAT} data file (the prepare stage writes one)")
+    if obj.get("version") != VERSION:
+        raise SipaError(f"{path}: {FORMAT} version {obj.get('version')!r} is not supported "
+                        f"(expected {VERSION}); rerun the prepare stage")
+    fields = [f for f in PreparedData.__dataclass_fields__]
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        raise SipaError(f"{path}: {FORMAT} file lacks {', '.join(missing)}; rerun the prepare stage")
+    data = PreparedData(**{f: obj[f] for f in fields})
+    problem = _check_prepared(data)
+    if problem:
+        raise SipaError(f"{path}: {FORMAT} file is inconsistent: {problem}; rerun the prepare stage")
+    return data
+
+
+def _check_prepared(data: PreparedData) -> str | None:
+    if not (isinstance(data.classes, list) and data.classes and all(isinstance(c, str) for c in data.classes)):
+        return "classes must be a non-empty list of names"
+    for stats in ("mean", "std"):
+        value = getattr(data, stats)
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, float) for v in value)):
+            return f"{stats} must be 3 numbers"
+    shape = None
+    for split in SPLITS:
+        x, y = data.split(split)
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+            return f"{split}_x must be a uint8 N x 3 x H x W tensor"
+        if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.shape == x.shape[:1]):
+            return f"{split}_y must be int64 labels, one per image of {split}_x"
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(data.classes)):
+            return f"{split}_y holds labels outside 0..{len(data.classes) - 1}"
+        if shape is not None and x.shape[2:] != shape:
+            return f"{split}_x images are {tuple(x.shape[2:])}, train_x images are {tuple(shape)}"
+        shape = x.shape[2:]
+    return None
