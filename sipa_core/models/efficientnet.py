@@ -139,7 +139,7 @@ class EfficientNet(nn.Module):
 
 def efficientnet_spec(blocks, *, width=1.0, depth=1.0, resolution=1.0, image_size=32, num_classes=100,
                       head=1280, activation="swish", dropout=0.2, drop_connect=0.2, bn_eps=1e-3,
-                      bn_momentum=0.01, name=None) -> dict:
+                      bn_momentum=0.1, name=None) -> dict:
     """A complete, plain-data description of an EfficientNet-family network."""
     if isinstance(blocks, str):
         blocks = [blocks]

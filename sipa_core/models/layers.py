@@ -61,7 +61,7 @@ class SameConv2d(nn.Conv2d):
 
 class ConvBNAct(nn.Sequential):
     def __init__(self, in_ch, out_ch, kernel, stride=1, groups=1, act: str | None = "swish",
-                 nominal=32, bn_eps=1e-3, bn_momentum=0.01):
+                 nominal=32, bn_eps=1e-3, bn_momentum=0.1):
         layers = [SameConv2d(in_ch, out_ch, kernel, stride, groups, nominal=nominal),
                   nn.BatchNorm2d(out_ch, eps=bn_eps, momentum=bn_momentum)]
         if act:

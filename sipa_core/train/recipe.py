@@ -1,0 +1,60 @@
+"""A training recipe: every knob of the one training engine, in one schema.
+
+Stages embed a recipe in their params section (``improve.recipe``,
+``prune.recipe``, ...); ``check_recipe`` validates it with the file and
+dotted key in every message.
+"""
+
+from __future__ import annotations
+
+from sipa_core.models.layers import ACTIVATIONS
+from sipa_core.params import Field, check_section
+
+SCHEDULES = ("cosine", "step", "constant")
+AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+RECIPE_SCHEMA = {
+    "epochs": Field(int, 1, min=0, help="training epochs (before stabilisation)"),
+    "batch_size": Field(int, 128, min=1),
+    "eval_batch_size": Field(int, 500, min=1),
+    "lr": Field(float, 0.1, min=0, min_exclusive=True, help="initial learning rate (after warmup)"),
+    "momentum": Field(float, 0.9, min=0, max=1, max_exclusive=True),
+    "nesterov": Field(bool, False),
+    "weight_decay": Field(float, 5e-4, min=0),
+    "no_bias_decay": Field(bool, False, help="no weight decay on biases"),
+    "no_bn_decay": Field(bool, False, help="no weight decay on BatchNorm weights and biases"),
+    "schedule": Field(str, "cosine", choices=SCHEDULES),
+    "lr_min": Field(float, 0.0, min=0, help="cosine: final learning rate"),
+    "step_every": Field(int, 30, min=1, help="step: epochs between decays"),
+    "step_gamma": Field(float, 0.1, min=0, min_exclusive=True, max=1),
+    "warmup_epochs": Field(int, 0, min=0, help="linear warmup from 0 to lr"),
+    "label_smoothing": Field(float, 0.0, min=0, max=1, max_exclusive=True),
+    "mixup_alpha": Field(float, 0.0, min=0, help="0 = off; one lambda ~ Beta(a, a) per batch"),
+    "cutmix_alpha": Field(float, 0.0, min=0, help="0 = off; with mixup, each batch picks one of them"),
+    "ghost_batch": Field(int, 0, min=0, help="ghost BatchNorm virtual batch size; 0 = off"),
+    "activation": Field(str, None, nullable=True, choices=tuple(sorted(ACTIVATIONS)),
+                        help="swap every activation for this one; null = keep the architecture's"),
+    "dropout": Field(float, None, nullable=True, min=0, max=1, max_exclusive=True),
+    "drop_connect": Field(float, None, nullable=True, min=0, max=1, max_exclusive=True),
+    "augment": Field(str, "none", choices=AUGMENTS, help="torchvision policy before crop and flip"),
+    "augment_group": Field(int, 8, min=1, help="images that share one sampled policy op (batched)"),
+    "crop_padding": Field(int, 4, min=0, help="random crop with this zero padding; 0 = off"),
+    "flip": Field(bool, True, help="random horizontal flip"),
+    "stabilize_epochs": Field(int, 0, min=0, help="final epochs at stabilize_lr with crop/flip only"),
+    "stabilize_lr": Field(float, 0.001, min=0, min_exclusive=True),
+    "precision": Field(str, "fp32", choices=PRECISIONS, help="autocast dtype on the training device"),
+    "channels_last": Field(bool, False),
+    "seed": Field(int, 0, min=0),
+    "deterministic": Field(bool, True, help="deterministic kernels (same run, same metrics on the CPU)"),
+    "device": Field(str, "auto", help="auto | cpu | cuda | cuda:N"),
+}
+
+
+def check_recipe(values, *, file="params.yaml", section="recipe") -> dict:
+    """The recipe with defaults filled in; errors name ``file: section.key``."""
+    return check_section(values, RECIPE_SCHEMA, file=file, section=section)
+
+
+def default_recipe(**overrides) -> dict:
+    return check_recipe(overrides, file="<defaults>")
