@@ -26,3 +26,22 @@ def tiny_data(n_train=64, n_val=16, n_test=16, num_classes=4, size=16, seed=0) -
     (tx, ty), (vx, vy), (sx, sy) = part(n_train), part(n_val), part(n_test)
     return PreparedData(tx, ty, vx, vy, sx, sy, [f"c{i}" for i in range(num_classes)], [0.4] * 3, [0.25] * 3,
                         {"source": "generated", "seed": seed})
+
+
+def save_prepared(data: PreparedData, path) -> None:
+    """Write ``data`` in the prepare stage's file format."""
+    from dataclasses import asdict
+
+    from sipa_core.data.prepare import FORMAT, VERSION
+    from sipa_core.io import atomic_torch_save
+
+    atomic_torch_save(path, {"format": FORMAT, "version": VERSION, **asdict(data)})
+
+
+def tiny_arch_yaml(path, num_classes=4) -> None:
+    import yaml
+
+    from sipa_core.models import efficientnet_spec
+
+    spec = efficientnet_spec(TINY_BLOCKS, image_size=16, num_classes=num_classes, head=32)
+    path.write_text(yaml.safe_dump(spec))

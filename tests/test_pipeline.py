@@ -38,16 +38,21 @@ def project(tmp_path):
     return dst, env
 
 
-def set_params(path: Path, **prepare):
+def set_params(path: Path, section="prepare", **values):
     params = yaml.safe_load((path / "params.yaml").read_text())
-    params["prepare"].update(prepare)
+    params[section].update(values)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+TINY_IMPROVE = dict(arch="sipa_baseline_32", candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
+                    base={"batch_size": 32, "lr": 0.01, "schedule": "constant"})
 
 
 def test_prepare_stage_under_dvc(project, cifar10_jpeg):
     path, env = project
     set_params(path, source="imagefolder", root=str(cifar10_jpeg), val_size=50, images_per_class=30,
                test_images_per_class=10)
+    set_params(path, "improve", **TINY_IMPROVE)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
 
@@ -56,14 +61,24 @@ def test_prepare_stage_under_dvc(project, cifar10_jpeg):
     m = json.loads((path / "metrics/prepare.json").read_text())
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (250, 50, 100, 10)
     assert (path / "data/prepared/dataset.pt").is_file()
+    assert "Running stage 'improve'" in first.stdout
+    imp = json.loads((path / "metrics/improve.json").read_text())
+    assert 0 <= imp["accuracy"] <= 1 and imp["score"] > 0
+    assert (path / "models/improve.pt").is_file() and (path / "plots/improve_techniques.csv").is_file()
 
     again = run(["dvc", "repro"], path, env)
     assert "Running stage" not in again.stdout  # cached: nothing re-runs
 
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "first run"], path, env)
+    exp = run(["dvc", "exp", "run", "-S", "improve.final_epochs=2"], path, env)
+    assert "Running stage 'improve'" in exp.stdout and "Running stage 'prepare'" not in exp.stdout
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], path, env).stdout)
+    assert "metrics/improve.json" in diff and "metrics/prepare.json" not in diff
+
+    run(["git", "checkout", "--", "params.yaml"], path, env)
     exp = run(["dvc", "exp", "run", "-S", "prepare.val_size=100"], path, env)
-    assert "Running stage 'prepare'" in exp.stdout
+    assert "Running stage 'prepare'" in exp.stdout and "Running stage 'improve'" in exp.stdout
     assert json.loads((path / "metrics/prepare.json").read_text())["val_images"] == 100
     diff = run(["dvc", "metrics", "diff", "--json"], path, env)
     assert json.loads(diff.stdout)["metrics/prepare.json"]["val_images"] == {"old": 50, "new": 100, "diff": 50}

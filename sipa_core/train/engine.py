@@ -35,6 +35,10 @@ from sipa_core.train.augment import (PolicyAugment, cutmix, mixup, normalize, ra
 STATE_FORMAT = "sipa-train-state"
 
 
+class TrainingDiverged(SipaError):
+    """The loss became NaN or infinite; the last good state is kept."""
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor | None = None):
     """Cross-entropy against soft targets (one-hot, smoothed or mixed)."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
@@ -323,7 +327,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
 
 def _diverged(loss, epoch, step, state_path):
     where = f"the last good state is {state_path} (epoch {epoch})" if state_path else "no state was saved"
-    raise SipaError(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, step {int(step) + 1}; "
+    raise TrainingDiverged(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, step {int(step) + 1}; "
                     f"{where}; lower the learning rate or check the data")
 
 

@@ -1,0 +1,89 @@
+"""What every model stage shares: resolving the architecture, loading the
+prepared data, and the metrics record (MicroNet keys + accuracy + provenance)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sipa_core.checkpoint import load_model
+from sipa_core.data.prepare import PreparedData, load_prepared
+from sipa_core.errors import SipaError
+from sipa_core.models import build_model, get_spec, make_spec
+from sipa_core.params import load_yaml
+from sipa_core.scoring import count
+from sipa_core.train.engine import evaluate, resolve_device
+
+
+def resolve_arch(value: str, data: PreparedData, where: str) -> tuple[dict, Path | None]:
+    """An architecture spec for this data, from a registered name, a spec YAML or a checkpoint.
+
+    Returns the spec (num_classes and image_size set from the data) and the
+    checkpoint path when ``value`` named one.
+    """
+    path = Path(value)
+    checkpoint = None
+    if value.endswith((".yaml", ".yml")):
+        if not path.is_file():
+            raise SipaError(f"{where}: architecture file {value} not found")
+        raw = load_yaml(path)
+        raw = raw.get("arch", raw)
+        if not isinstance(raw, dict) or "family" not in raw:
+            raise SipaError(f"{where}: {value} holds no architecture spec (a mapping with 'family')")
+        spec = make_spec(raw["family"], **{k: v for k, v in raw.items() if k != "family"})
+    elif value.endswith((".pt", ".pth")):
+        model, _ = load_model(value)
+        spec, checkpoint = model.spec, path
+    else:
+        try:
+            spec = get_spec(value)
+        except SipaError as err:
+            raise SipaError(f"{where}: {err}") from None
+    h, w = data.image_size
+    if h != w:
+        raise SipaError(f"{where}: the data's images are {h}x{w}; the networks take square images")
+    fields = {k: v for k, v in spec.items() if k != "family"}
+    fields.update(num_classes=data.num_classes, image_size=h)
+    return make_spec(spec["family"], **fields), checkpoint
+
+
+def build_for(spec: dict, seed: int, init: Path | None = None) -> nn.Module:
+    """A model from ``spec`` with seeded initialisation, or the weights of ``init``."""
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    if init is not None:
+        loaded, _ = load_model(init, spec)
+        model.load_state_dict(loaded.state_dict())
+    return model
+
+
+def load_data(path: str | Path, where: str) -> PreparedData:
+    if not Path(path).is_file():
+        raise SipaError(f"{where}: prepared data {path} not found; run the prepare stage first (dvc repro prepare)")
+    return load_prepared(path)
+
+
+def score_metrics(model: nn.Module, data: PreparedData, bits: int = 16, **count_kw) -> dict:
+    """The flat MicroNet keys for a model on this data's input size."""
+    h, w = data.image_size
+    return count(model, (3, h, w), bits=bits, **count_kw).summary()
+
+
+def stage_metrics(model: nn.Module, data: PreparedData, *, seed: int, device: str, started: float,
+                  bits: int = 16, **extra) -> dict:
+    """Metrics of a stage's result: score keys, accuracy of the weights at the
+    counted bit width (fp16 weights under the 16-bit freebie), provenance."""
+    fp16 = bits == 16
+    metrics = score_metrics(model, data, bits)
+    metrics["accuracy"] = evaluate(model, data, "test", fp16_weights=fp16)
+    metrics["accuracy_fp32"] = evaluate(model, data, "test")
+    if len(data.val_y):
+        metrics["val_accuracy"] = evaluate(model, data, "val", fp16_weights=fp16)
+    metrics.update(extra)
+    metrics.update(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
+                   python=platform.python_version(), wall_time_s=round(time.time() - started, 2))
+    return metrics

@@ -1,0 +1,124 @@
+"""The Improving stage: technique registry, greedy selection, the stage itself."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import sipa_core.train as train_mod
+from helpers import save_prepared, tiny_arch_yaml, tiny_data
+from sipa_core.errors import SipaError
+from sipa_core.improve import (CATEGORIES, TECHNIQUES, apply_techniques, greedy_select, improve, ordered,
+                               read_config)
+from sipa_core.params import check_section
+from sipa_core.improve import OPTIONS_SCHEMA
+from sipa_core.train import default_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONS = check_section({}, OPTIONS_SCHEMA, file="t", section="improve.options")
+
+
+def test_registry_has_the_papers_techniques_in_four_categories():
+    for name in ["autoaugment", "cosine", "larger_lr", "no_bias_decay", "no_bn_decay", "ghost_bn", "mixup",
+                 "label_smoothing", "swish", "no_validation", "stabilize"]:
+        assert name in TECHNIQUES
+    assert {t.category for t in TECHNIQUES.values()} == set(CATEGORIES)
+    r = apply_techniques(default_recipe(), ["larger_lr", "ghost_bn", "label_smoothing", "mixup", "stabilize"], OPTIONS)
+    assert (r["lr"], r["ghost_batch"], r["label_smoothing"], r["mixup_alpha"]) == (0.13, 32, 0.3, 1.0)
+    assert r["stabilize_epochs"] == 1
+    assert ordered(["mixup", "autoaugment", "cosine", "swish"], "category") == ["cosine", "swish", "mixup",
+                                                                               "autoaugment"]
+    assert ordered(["mixup", "cosine"], "listed") == ["mixup", "cosine"]
+
+
+def test_greedy_adopts_what_helps_and_rejects_what_hurts():
+    """A controlled case: label smoothing helps, mixup hurts, cosine changes nothing."""
+    seen = []
+
+    def trial(recipe):
+        seen.append(recipe)
+        acc = 0.5 + (0.1 if recipe["label_smoothing"] > 0 else 0) - (0.1 if recipe["mixup_alpha"] > 0 else 0)
+        return acc
+
+    base = default_recipe(schedule="constant")
+    adopted, decisions, base_acc = greedy_select(["label_smoothing", "mixup", "cosine"], base, OPTIONS, 0.0, trial)
+    assert adopted == ["label_smoothing"] and base_acc == 0.5
+    assert [(d.technique, d.adopted) for d in decisions] == [("label_smoothing", True), ("mixup", False),
+                                                             ("cosine", False)]
+    assert decisions[1].acc_without == pytest.approx(0.6) and decisions[1].acc_with == pytest.approx(0.5)
+    # Each later trial builds on what was adopted so far.
+    assert seen[2]["label_smoothing"] == 0.3 and seen[3]["label_smoothing"] == 0.3 and seen[3]["mixup_alpha"] == 0
+
+
+def test_threshold_and_divergence():
+    accs = iter([0.5, 0.52, float("nan")])
+    adopted, decisions, _ = greedy_select(["cosine", "larger_lr"], default_recipe(), OPTIONS, 0.05,
+                                          lambda r: next(accs))
+    assert adopted == [] and not any(d.adopted for d in decisions)
+    assert math.isnan(decisions[1].acc_with)
+
+
+def write_params(tmp_path, **improve_cfg):
+    save_prepared(tiny_data(n_train=96, n_val=32, n_test=32), tmp_path / "data.pt")
+    tiny_arch_yaml(tmp_path / "arch.yaml")
+    cfg = {"arch": str(tmp_path / "arch.yaml"), "data": str(tmp_path / "data.pt"),
+           "candidates": ["larger_lr", "cosine"],
+           "base": {"lr": 0.0001, "schedule": "constant", "batch_size": 16, "weight_decay": 0.0},
+           "options": {"larger_lr": 0.1}, "trial_epochs": 3, "final_epochs": 3,
+           "out": str(tmp_path / "models/improve.pt"), "state": str(tmp_path / "state"),
+           "metrics": str(tmp_path / "metrics/improve.json"), "table": str(tmp_path / "plots/t.csv"),
+           "live": str(tmp_path / "live/improve")}
+    cfg.update(improve_cfg)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"improve": cfg}))
+    return tmp_path / "params.yaml"
+
+
+def test_stage_selects_trains_and_resumes(tmp_path, monkeypatch):
+    params = write_params(tmp_path)
+    calls = []
+    real_fit = train_mod.fit
+
+    def counting_fit(*args, **kwargs):
+        res = real_fit(*args, **kwargs)
+        calls.append(res.epochs - res.resumed_from)
+        return res
+
+    monkeypatch.setattr(train_mod, "fit", counting_fit)
+    m = improve(read_config(params), params_file=str(params), progress=False)
+    assert m["adopted"].split(",")[0] == "larger_lr"  # lr 1e-4 learns nothing in 3 epochs; 0.1 does
+    assert m["accuracy"] > m["base_accuracy"]
+    for key in ("params_score", "ops_score", "score", "accuracy", "val_accuracy", "seed", "device", "torch"):
+        assert key in m
+    table = (tmp_path / "plots/t.csv").read_text().splitlines()
+    assert table[0] == "technique,category,acc_without,acc_with,gain,adopted"
+    assert table[2].startswith("larger_lr,general,") and table[2].endswith(",yes")
+    assert (tmp_path / "models/improve.pt").is_file()
+    assert (tmp_path / "live/improve/plots/metrics/train_loss.tsv").is_file()
+    assert sum(calls) == 3 * 3 + 3 + 3  # three trials, the final run, the base recipe's final run
+
+    calls.clear()
+    again = improve(read_config(params), params_file=str(params), progress=False)
+    assert sum(calls) == 0  # every run was finished: nothing is trained twice
+    assert again["accuracy"] == m["accuracy"]
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"candidates": ["mixp"]}, "improve.candidates: unknown technique 'mixp' (did you mean 'mixup'?)"),
+    ({"trial_epochs": -2}, "improve.trial_epochs: must be >= 1, got -2"),
+    ({"base": {"epochs": -1}}, "improve.base.epochs: must be >= 0, got -1"),
+    ({"base": {"lr": "high"}}, "improve.base.lr: must be a number"),
+    ({"options": {"label_smoothing": 1.5}}, "improve.options.label_smoothing: must be < 1"),
+    ({"greedy": "yes"}, "improve.greedy: must be true/false"),
+    ({"arch": "sipa_basline"}, "improve.arch: unknown architecture 'sipa_basline'"),
+])
+def test_bad_params_fail_before_training(tmp_path, patch, message):
+    params = write_params(tmp_path, **patch)
+    p = subprocess.run([sys.executable, str(ROOT / "stages/improve.py"), "--params", str(params)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "state").exists()  # nothing trained
