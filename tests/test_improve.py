@@ -122,3 +122,20 @@ def test_bad_params_fail_before_training(tmp_path, patch, message):
     assert p.returncode == 2, p.stderr
     assert message in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "state").exists()  # nothing trained
+
+
+def test_every_selectable_technique_changes_the_recipe():
+    base = default_recipe(schedule="constant", activation="relu")
+    for name, tech in TECHNIQUES.items():
+        changed = apply_techniques(base, [name], OPTIONS)
+        assert (changed != base) != tech.final_only, name
+
+
+def test_stabilize_runs_its_epochs_at_the_small_rate():
+    from helpers import tiny_data, tiny_model
+    from sipa_core.train import fit
+
+    r = apply_techniques(default_recipe(epochs=1, batch_size=16, lr=0.05, mixup_alpha=1.0), ["stabilize"], OPTIONS)
+    res = fit(tiny_model(), tiny_data(), r, progress=False)
+    assert [h["lr"] for h in res.history] == [pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4))),
+                                              OPTIONS["stabilize_lr"]]
