@@ -1,0 +1,137 @@
+"""The Searching stage: space, budget, fitness, persistence, bad bounds."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import TINY_BLOCKS, save_prepared, tiny_data
+from sipa_core.search import (blocks_from, fitness, pareto_front, read_config, search, stride_options,
+                              width_for)
+from sipa_core.stage import resolve_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_params(tmp_path, **search_cfg):
+    save_prepared(tiny_data(n_train=96, n_val=32, n_test=32), tmp_path / "data.pt")
+    cfg = {"method": "hyperopt", "template": TINY_BLOCKS, "head": 32, "max_evals": 3, "startup_trials": 2,
+           "space": {"kernel": [3, 5], "expand": [2, 4], "repeats": [1, 2], "channels": [0.5, 1.0],
+                     "resolution": [1.0, 1.5], "depth": [1.0, 1.0]},
+           "budget": 1.0, "target": 1.0,
+           "recipe": {"epochs": 2, "batch_size": 16, "lr": 0.05},
+           "data": str(tmp_path / "data.pt"), "out_arch": str(tmp_path / "models/search/arch.yaml"),
+           "out": str(tmp_path / "models/search/model.pt"), "state": str(tmp_path / "state"),
+           "metrics": str(tmp_path / "metrics/search.json"), "table": str(tmp_path / "plots/trials.csv"),
+           "pareto": str(tmp_path / "plots/pareto.csv")}
+    for key, value in search_cfg.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"search": cfg}))
+    return tmp_path / "params.yaml"
+
+
+def stage(params, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "stages/search.py"), "--params", str(params)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_fitness_and_pareto():
+    cfg = {"target": 0.01, "alpha": 0.1, "w": 2.0}
+    assert fitness(0.7, 0.009, cfg) == 0.7
+    assert fitness(0.7, 0.011, cfg) == pytest.approx(0.7 - 0.01)
+    rows = [{"step": "blocks", "tid": i, "status": "trained", "accuracy": a, "score": s}
+            for i, (a, s) in enumerate([(0.5, 0.01), (0.6, 0.02), (0.4, 0.015), (0.6, 0.03)])]
+    rows.append({"step": "blocks", "tid": 4, "status": "rejected", "accuracy": float("nan"), "score": 0.001})
+    assert pareto_front(rows) == {"blocks-0", "blocks-1"}
+
+
+def test_space_decoding_chains_channels_and_keeps_stride_count(tmp_path):
+    cfg = read_config(write_params(tmp_path))
+    template = cfg["template_args"]
+    assert stride_options(template) == [(1,)]
+    point = {"se_ratio": 0.3, "strides": (1,), "k0": 5, "r0": 2, "c0": 1.0, "k1": 3, "e1": 4, "r1": 1, "c1": 0.5}
+    blocks = blocks_from(point, cfg)
+    assert blocks == ["r2_k5_s1_e1_i8_o8_se0.3", "r1_k3_s2_e4_i8_o8_se0.3"]
+    assert width_for(1.0, 1.0, 2.0) ** 2 == pytest.approx(2.0)
+
+
+def test_search_trains_writes_and_feeds_improve(tmp_path):
+    params = write_params(tmp_path)
+    m = search(read_config(params), params_file=str(params), log=lambda *_: None, progress=False)
+    assert m["trials"] == 6 and m["fitness"] >= m["median_fitness"]
+    rows = (tmp_path / "plots/trials.csv").read_text().splitlines()
+    assert rows[0].startswith("trial,step,status,score,accuracy,fitness") and len(rows) == 7
+    assert any(r.split(",")[11] == "yes" for r in rows[1:])  # a Pareto front is marked
+    spec = yaml.safe_load((tmp_path / "models/search/arch.yaml").read_text())
+    assert spec["family"] == "efficientnet" and spec["num_classes"] == 4
+    from sipa_core.data import load_prepared
+
+    resolved, _ = resolve_arch(str(tmp_path / "models/search/arch.yaml"), load_prepared(tmp_path / "data.pt"), "t")
+    assert resolved["blocks"] == spec["blocks"]
+    assert json.loads((tmp_path / "metrics/search.json").read_text())["score"] == m["score"]
+
+
+def test_over_budget_candidates_are_rejected_before_training(tmp_path):
+    from sipa_core.search import smallest_score
+
+    params = write_params(tmp_path, steps=["blocks"], max_evals=4)
+    cfg = read_config(params)
+    low = smallest_score(cfg, 4, 16)
+    cfg["budget"] = cfg["target"] = low * 1.3
+    search(cfg, params_file=str(params), log=lambda *_: None, progress=False)
+    records = json.loads((tmp_path / "state/blocks.json").read_text())
+    rejected = [r for r in records if r["status"] == "rejected"]
+    assert rejected, "some candidate of this space is over 1.3x the smallest score"
+    for r in rejected:
+        assert r["score"] > cfg["budget"]
+        assert not (tmp_path / "state/trials" / f"blocks-{r['tid']}").exists()
+
+
+def test_killed_search_resumes_from_finished_trials(tmp_path):
+    clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
+    clean_dir.mkdir(), killed_dir.mkdir()
+    params = {d: write_params(d, steps=["blocks"], max_evals=5, recipe={"epochs": 3}) for d in (clean_dir, killed_dir)}
+    assert stage(params[clean_dir]).wait(timeout=600) == 0
+    proc = stage(params[killed_dir])
+    store = killed_dir / "state/blocks.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (store.exists() and len(json.loads(store.read_text())) >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(store.read_text())
+    assert 2 <= len(done) < 5
+    out = stage(params[killed_dir])
+    stdout, _ = out.communicate(timeout=600)
+    assert out.returncode == 0
+    for line in (f"trial {i}/5" for i in range(1, len(done) + 1)):
+        assert line not in stdout  # finished trials are not redone
+    after = json.loads(store.read_text())
+    assert after[:len(done)] == done and len(after) == 5
+    clean = json.loads((clean_dir / "state/blocks.json").read_text())
+    assert [r["blocks"] for r in after] == [r["blocks"] for r in clean]  # same proposals as uninterrupted
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"space": {"kernel": []}}, "search.space.kernel: must list at least one value"),
+    ({"space": {"repeats": [3, 1]}}, "search.space.repeats: min 3 is above max 1"),
+    ({"space": {"resolution": [1.4]}}, "search.space.resolution: must be [min, max]"),
+    ({"max_evals": 0}, "search.max_evals: must be >= 1, got 0"),
+    ({"method": "bayes"}, "search.method: 'bayes' is not one of preset, hyperopt, random"),
+    ({"template": ["r1_k3_s1_e1_i8"]}, "search.template: malformed block string"),
+    ({"budget": 1e-7}, "search.budget: 1e-07 is below the smallest network of the space"),
+])
+def test_bad_bounds_fail_before_any_trial(tmp_path, patch, message):
+    p = stage(write_params(tmp_path, **patch))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "state").exists()
