@@ -140,7 +140,7 @@ def read_config(params_path) -> dict:
 def stride_options(template: list[BlockArgs]) -> list[tuple[int, ...]]:
     """Which stages may carry the template's stride-2 count (never the first)."""
     n2 = sum(b.stride == 2 for b in template)
-    return [c for c in itertools.combinations(range(1, len(template)), n2)]
+    return [list(c) for c in itertools.combinations(range(1, len(template)), n2)]
 
 
 def hyperopt_space(step: str, cfg: dict):
@@ -162,6 +162,28 @@ def hyperopt_space(step: str, cfg: dict):
         space[f"r{i}"] = hp.quniform(f"r{i}", lo - 0.5, hi + 0.5, 1) if lo < hi else lo
         space[f"c{i}"] = hp.choice(f"c{i}", sp["channels"])
     return space
+
+
+def vals_from_point(step: str, cfg: dict, point: dict) -> dict:
+    """hyperopt's raw ``vals`` (choice indices, numbers) of a decoded point of ``hyperopt_space``."""
+    sp, template = cfg["space"], cfg["template_args"]
+    vals = {}
+    if step == "scaling":
+        for key in ("depth", "resolution"):
+            if sp[key][0] < sp[key][1]:
+                vals[key] = [float(point[key])]
+        return vals
+    vals["se_ratio"] = [float(point["se_ratio"])]
+    if sp["stride_placement"]:
+        vals["strides"] = [stride_options(template).index(list(point["strides"]))]
+    for i in range(len(template)):
+        vals[f"k{i}"] = [sp["kernel"].index(point[f"k{i}"])]
+        if i > 0:
+            vals[f"e{i}"] = [sp["expand"].index(point[f"e{i}"])]
+        if sp["repeats"][0] < sp["repeats"][1]:
+            vals[f"r{i}"] = [float(point[f"r{i}"])]
+        vals[f"c{i}"] = [sp["channels"].index(point[f"c{i}"])]
+    return vals
 
 
 def blocks_from(point: dict, cfg: dict) -> list[str]:
@@ -317,22 +339,33 @@ def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None,
     h, _ = data.image_size
     while len(records) < cfg["max_evals"]:
         point, vals = propose(step, cfg, records, cfg["method"])
-        if step == "blocks":
-            blocks, scaling = blocks_from(point, cfg), dict(cfg["base_scaling"])
-        else:
-            blocks = fixed["blocks"]
-            scaling = {"depth": float(point["depth"]), "resolution": float(point["resolution"])}
-            scaling["width"] = width_for(scaling["depth"], scaling["resolution"], cfg["space"]["resource"])
-        spec = spec_for(blocks, scaling, cfg, data.num_classes, h)
+        blocks, scaling, spec = candidate(step, point, cfg, fixed, data.num_classes, h)
         tid = len(records)
         t0 = time.time()
-        result = evaluate_candidate(spec, cfg, trial_data, state / "trials" / f"{step}-{tid}", progress)
-        records.append({"tid": tid, "step": step, "vals": vals, "blocks": blocks, **scaling, **result,
-                        "seconds": round(time.time() - t0, 2)})
+        run_dir = state / "trials" / f"{step}-{tid}"
+        result = evaluate_candidate(spec, cfg, trial_data, run_dir, progress)
+        records.append({"tid": tid, "step": step, "vals": vals, "point": jsonable(point), "blocks": blocks,
+                        **scaling, **result, "run_dir": str(run_dir), "seconds": round(time.time() - t0, 2)})
         store.save(records)
         log(f"search {step} trial {tid + 1}/{cfg['max_evals']}: {result['status']}, score {result['score']:.6f}, "
             f"accuracy {result['accuracy']:.4f}, fitness {result['fitness']:.4f}")
     return records
+
+
+def jsonable(point: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else float(v) if isinstance(v, (float, np.floating))
+                else int(v) if isinstance(v, (int, np.integer)) else v) for k, v in point.items()}
+
+
+def candidate(step: str, point: dict, cfg: dict, fixed: dict, num_classes: int, image_size: int):
+    """(blocks, scaling, spec) of a proposed point."""
+    if step == "blocks":
+        blocks, scaling = blocks_from(point, cfg), dict(cfg["base_scaling"])
+    else:
+        blocks = fixed["blocks"]
+        scaling = {"depth": float(point["depth"]), "resolution": float(point["resolution"])}
+        scaling["width"] = width_for(scaling["depth"], scaling["resolution"], cfg["space"]["resource"])
+    return blocks, scaling, spec_for(blocks, scaling, cfg, num_classes, image_size)
 
 
 def best_of(records: list[dict]) -> dict | None:
@@ -423,7 +456,7 @@ def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=pr
         best = best_of(rows)
         spec = spec_for(best["blocks"], {k: best[k] for k in ("width", "depth", "resolution")}, cfg,
                         data.num_classes, h)
-        model, _ = load_model(state / "trials" / f"{best['step']}-{best['tid']}" / "model.pt", spec)
+        model, _ = load_model(Path(best["run_dir"]) / "model.pt", spec)
         extra = {"trials": len(rows), "best_trial": trial_id(best), "fitness": best["fitness"],
                  "median_fitness": statistics.median(r["fitness"] for r in rows if r["status"] == "trained")}
     write_tables(cfg, rows)

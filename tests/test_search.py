@@ -135,3 +135,22 @@ def test_bad_bounds_fail_before_any_trial(tmp_path, patch, message):
     assert p.returncode == 2, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "state").exists()
+
+
+def test_ray_backend_two_concurrent_trials_and_warm_restart(tmp_path):
+    pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'ray[tune]')")
+    params = write_params(tmp_path, steps=["blocks"], max_evals=2, backend="ray", ray_concurrent=2,
+                          ray_cpus_per_trial=1.0)
+    cfg = read_config(params)
+    lines = []
+    m = search(cfg, params_file=str(params), log=lines.append, progress=False)
+    assert m["trials"] == 2 and len(lines) == 2 and all("(ray)" in line for line in lines)
+    first = json.loads((tmp_path / "state/blocks.json").read_text())
+    assert [r["tid"] for r in first] == [0, 1]
+    assert all(Path(r["run_dir"], "model.pt").is_file() for r in first if r["status"] == "trained")
+    # A larger budget later: the searcher is warm-started with the two finished trials, runs one more.
+    cfg["max_evals"] = 3
+    lines.clear()
+    search(cfg, params_file=str(params), log=lines.append, progress=False)
+    after = json.loads((tmp_path / "state/blocks.json").read_text())
+    assert after[:2] == first and len(after) == 3 and len(lines) == 1

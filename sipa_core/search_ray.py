@@ -1,0 +1,110 @@
+"""The search's scale-out backend: the same trials in parallel on Ray Tune.
+
+Ray Tune's HyperOptSearch proposes points of the same hyperopt space, at
+most ``search.ray_concurrent`` at a time, each trial on its own slot
+(``ray_cpus_per_trial`` / ``ray_gpus_per_trial``) of a local Ray instance or
+of the cluster at ``search.ray_address``. Finished trials go to the same
+JSON store as the local backend's, and a restarted search warm-starts the
+searcher from them (``add_evaluated_point``) and runs only what is left.
+Ray is an optional dependency: ``pip install 'sipa[ray]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from sipa_core.errors import SipaError
+
+
+def check_ray(where: str) -> None:
+    try:
+        import ray  # noqa: F401
+        from ray.tune.search.hyperopt import HyperOptSearch  # noqa: F401
+    except ImportError:
+        raise SipaError(f"{where}.backend: ray needs Ray Tune installed (pip install 'ray[tune]'), "
+                        f"or use backend: local") from None
+
+
+def _trial(config, cfg=None, step=None, fixed=None, data=None, state=None):
+    """One trial on a Ray worker: the local backend's candidate evaluation."""
+    import torch
+
+    from sipa_core.search import candidate, evaluate_candidate, jsonable
+
+    torch.set_num_threads(max(1, int(cfg["ray_cpus_per_trial"])))
+    h, _ = data.image_size
+    blocks, scaling, spec = candidate(step, config, cfg, fixed, data.num_classes, h)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    run_dir = Path(state) / "trials" / f"{step}-ray-{key}"
+    t0 = time.time()
+    result = evaluate_candidate(spec, cfg, data, run_dir, progress=False)
+    return {**result, "point_json": json.dumps(jsonable(config)), "blocks_json": json.dumps(blocks),
+            "scaling_json": json.dumps(scaling), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 2)}
+
+
+def run_step_ray(step: str, cfg: dict, data, trial_data, fixed: dict, log=print) -> list[dict]:
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    from sipa_core.search import TrialStore, _trials_from, hyperopt_space, vals_from_point
+
+    state = Path(cfg["state"]).resolve()  # trials run in their own working directories
+    store = TrialStore(state / f"{step}.json")
+    records = store.load()
+    remaining = cfg["max_evals"] - len(records)
+    if remaining <= 0:
+        return records
+
+    searcher = HyperOptSearch(hyperopt_space(step, cfg), metric="loss", mode="min",
+                              n_initial_points=cfg["startup_trials"], random_state_seed=cfg["seed"] + len(records))
+    if records:
+        # Warm start: the finished trials become hyperopt's history (HyperOptSearch has no
+        # add_evaluated_point), so TPE models them and nothing is evaluated twice.
+        history = _trials_from([{**r, "vals": vals_from_point(step, cfg, r["point"])} for r in records])
+        history._ids.update(range(len(records)))  # new proposals get fresh trial ids
+        searcher._hpopt_trials = history
+
+    class Persist(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result
+            if "loss" not in r:
+                return
+            point = json.loads(r["point_json"])
+            row = {"tid": len(records), "step": step, "vals": vals_from_point(step, cfg, point), "point": point,
+                   "blocks": json.loads(r["blocks_json"]), **json.loads(r["scaling_json"]),
+                   **{k: r[k] for k in ("score", "params", "ops", "status", "accuracy", "fitness", "loss",
+                                         "run_dir", "seconds")}}
+            records.append(row)
+            store.save(records)
+            log(f"search {step} trial {len(records)}/{cfg['max_evals']} (ray): {row['status']}, "
+                f"score {row['score']:.6f}, accuracy {row['accuracy']:.4f}, fitness {row['fitness']:.4f}")
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=cfg["ray_address"], include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                     [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}})
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, cfg=cfg, step=step, fixed=fixed, data=trial_data, state=str(state)),
+            {"cpu": cfg["ray_cpus_per_trial"], "gpu": cfg["ray_gpus_per_trial"]})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, cfg["ray_concurrent"]),
+                                        num_samples=remaining, metric="loss", mode="min"),
+            run_config=tune.RunConfig(name=f"{step}-{len(records)}", storage_path=str(state / "ray"),
+                                      callbacks=[Persist()], verbose=0))
+        results = tuner.fit()
+        errors = [str(r.error).splitlines()[0] for r in results if r.error]
+        if errors:
+            raise SipaError(f"search (ray): {len(errors)} trial(s) failed, first: {errors[0][:300]}")
+    finally:
+        if started_here:
+            ray.shutdown()
+    return records
