@@ -44,7 +44,9 @@ def set_params(path: Path, section="prepare", **values):
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-TINY_IMPROVE = dict(arch="sipa_baseline_32", candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
+TINY_SEARCH = dict(method="hyperopt", steps=["blocks"], max_evals=2, trial_images_per_class=10,
+                   recipe={"epochs": 1, "batch_size": 32})
+TINY_IMPROVE = dict(candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
                     base={"batch_size": 32, "lr": 0.01, "schedule": "constant"})
 
 
@@ -52,6 +54,7 @@ def test_prepare_stage_under_dvc(project, cifar10_jpeg):
     path, env = project
     set_params(path, source="imagefolder", root=str(cifar10_jpeg), val_size=50, images_per_class=30,
                test_images_per_class=10)
+    set_params(path, "search", **TINY_SEARCH)
     set_params(path, "improve", **TINY_IMPROVE)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
@@ -61,7 +64,9 @@ def test_prepare_stage_under_dvc(project, cifar10_jpeg):
     m = json.loads((path / "metrics/prepare.json").read_text())
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (250, 50, 100, 10)
     assert (path / "data/prepared/dataset.pt").is_file()
-    assert "Running stage 'improve'" in first.stdout
+    assert "Running stage 'search'" in first.stdout and "Running stage 'improve'" in first.stdout
+    assert json.loads((path / "metrics/search.json").read_text())["trials"] == 2
+    assert (path / "models/search/arch.yaml").is_file() and (path / "plots/search_trials.csv").is_file()
     imp = json.loads((path / "metrics/improve.json").read_text())
     assert 0 <= imp["accuracy"] <= 1 and imp["score"] > 0
     assert (path / "models/improve.pt").is_file() and (path / "plots/improve_techniques.csv").is_file()
@@ -72,13 +77,16 @@ def test_prepare_stage_under_dvc(project, cifar10_jpeg):
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "first run"], path, env)
     exp = run(["dvc", "exp", "run", "-S", "improve.final_epochs=2"], path, env)
-    assert "Running stage 'improve'" in exp.stdout and "Running stage 'prepare'" not in exp.stdout
+    assert "Running stage 'improve'" in exp.stdout
+    assert "Running stage 'prepare'" not in exp.stdout and "Running stage 'search'" not in exp.stdout
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], path, env).stdout)
     assert "metrics/improve.json" in diff and "metrics/prepare.json" not in diff
+    assert "metrics/search.json" not in diff
 
     run(["git", "checkout", "--", "params.yaml"], path, env)
     exp = run(["dvc", "exp", "run", "-S", "prepare.val_size=100"], path, env)
-    assert "Running stage 'prepare'" in exp.stdout and "Running stage 'improve'" in exp.stdout
+    for name in ("prepare", "search", "improve"):
+        assert f"Running stage '{name}'" in exp.stdout
     assert json.loads((path / "metrics/prepare.json").read_text())["val_images"] == 100
     diff = run(["dvc", "metrics", "diff", "--json"], path, env)
     assert json.loads(diff.stdout)["metrics/prepare.json"]["val_images"] == {"old": 50, "new": 100, "diff": 50}

@@ -56,7 +56,7 @@ def test_fitness_and_pareto():
 def test_space_decoding_chains_channels_and_keeps_stride_count(tmp_path):
     cfg = read_config(write_params(tmp_path))
     template = cfg["template_args"]
-    assert stride_options(template) == [(1,)]
+    assert stride_options(template) == [[1]]
     point = {"se_ratio": 0.3, "strides": (1,), "k0": 5, "r0": 2, "c0": 1.0, "k1": 3, "e1": 4, "r1": 1, "c1": 0.5}
     blocks = blocks_from(point, cfg)
     assert blocks == ["r2_k5_s1_e1_i8_o8_se0.3", "r1_k3_s2_e4_i8_o8_se0.3"]
