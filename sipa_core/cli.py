@@ -5,24 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from sipa_core.errors import SipaError, exits_cleanly
-
-
-def _resolve_arch(text: str, num_classes: int | None):
-    from sipa_core.models import get_spec, make_spec
-    from sipa_core.params import load_yaml
-
-    overrides = {} if num_classes is None else {"num_classes": num_classes}
-    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
-        spec = load_yaml(text)
-        spec = spec.get("arch", spec) if isinstance(spec, dict) else spec
-        if not isinstance(spec, dict) or "family" not in spec:
-            raise SipaError(f"{text}: expected an architecture spec with a 'family' key")
-        fields = {k: v for k, v in spec.items() if k != "family"}
-        return make_spec(spec["family"], **{**fields, **overrides})
-    return get_spec(text, **overrides)
 
 
 def _fmt(n: float) -> str:
@@ -57,13 +41,14 @@ def format_report(result, name: str, layers: bool) -> str:
 
 
 def cmd_score(args) -> int:
-    from sipa_core.checkpoint import load_model
+    from sipa_core.checkpoint import load_model, spec_from
     from sipa_core.models import build_model
     from sipa_core.scoring import count
 
     if args.arch is None and args.checkpoint is None:
         raise SipaError("sipa score: give --arch NAME (or a spec .yaml) and/or --checkpoint PATH")
-    spec = _resolve_arch(args.arch, args.num_classes) if args.arch else None
+    overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    spec = spec_from(args.arch, **overrides)[0] if args.arch else None
     if args.checkpoint:
         model, _ = load_model(args.checkpoint, spec)
     else:

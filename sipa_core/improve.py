@@ -23,7 +23,7 @@ from typing import Callable
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_write_json, atomic_write_text
 from sipa_core.params import Field, check_section, load_yaml
-from sipa_core.train.recipe import RECIPE_SCHEMA, check_recipe
+from sipa_core.train.recipe import check_recipe
 
 CATEGORIES = ("general", "structural", "loss", "others")  # least -> most sensitive (paper, Figure 4)
 

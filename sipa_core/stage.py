@@ -10,45 +10,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sipa_core.checkpoint import load_model
+from sipa_core.checkpoint import load_model, spec_from
 from sipa_core.data.prepare import PreparedData, load_prepared
 from sipa_core.errors import SipaError
-from sipa_core.models import build_model, get_spec, make_spec
-from sipa_core.params import load_yaml
+from sipa_core.models import build_model
 from sipa_core.scoring import count
 from sipa_core.train.engine import evaluate, resolve_device
 
 
 def resolve_arch(value: str, data: PreparedData, where: str) -> tuple[dict, Path | None]:
-    """An architecture spec for this data, from a registered name, a spec YAML or a checkpoint.
-
-    Returns the spec (num_classes and image_size set from the data) and the
-    checkpoint path when ``value`` named one.
-    """
-    path = Path(value)
-    checkpoint = None
-    if value.endswith((".yaml", ".yml")):
-        if not path.is_file():
-            raise SipaError(f"{where}: architecture file {value} not found")
-        raw = load_yaml(path)
-        raw = raw.get("arch", raw)
-        if not isinstance(raw, dict) or "family" not in raw:
-            raise SipaError(f"{where}: {value} holds no architecture spec (a mapping with 'family')")
-        spec = make_spec(raw["family"], **{k: v for k, v in raw.items() if k != "family"})
-    elif value.endswith((".pt", ".pth")):
-        model, _ = load_model(value)
-        spec, checkpoint = model.spec, path
-    else:
-        try:
-            spec = get_spec(value)
-        except SipaError as err:
-            raise SipaError(f"{where}: {err}") from None
+    """The spec of ``value`` (name, spec YAML or checkpoint) for this data: its
+    classes and image size. Returns the spec and the checkpoint path, if any."""
     h, w = data.image_size
     if h != w:
         raise SipaError(f"{where}: the data's images are {h}x{w}; the networks take square images")
-    fields = {k: v for k, v in spec.items() if k != "family"}
-    fields.update(num_classes=data.num_classes, image_size=h)
-    return make_spec(spec["family"], **fields), checkpoint
+    try:
+        return spec_from(value, num_classes=data.num_classes, image_size=h)
+    except SipaError as err:
+        raise SipaError(f"{where}: {err}") from None
 
 
 def build_for(spec: dict, seed: int, init: Path | None = None) -> nn.Module:

@@ -1,6 +1,5 @@
 """The Improving stage: technique registry, greedy selection, the stage itself."""
 
-import json
 import math
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import yaml
 
 import sipa_core.train as train_mod
 from helpers import save_prepared, tiny_arch_yaml, tiny_data
-from sipa_core.errors import SipaError
 from sipa_core.improve import (CATEGORIES, TECHNIQUES, apply_techniques, greedy_select, improve, ordered,
                                read_config)
 from sipa_core.params import check_section

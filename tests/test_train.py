@@ -1,7 +1,5 @@
 """The training engine: each recipe knob does what it claims; runs resume exactly."""
 
-import math
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +13,6 @@ from torch import nn
 
 from helpers import tiny_data, tiny_model
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_torch_save
 from sipa_core.train import (GhostBatchNorm2d, apply_ghost_bn, check_recipe, configure_model, default_recipe,
                              evaluate, fit, half_weights)
 from sipa_core.train.augment import PolicyAugment, cutmix, mixup, random_crop, random_flip, soft_targets

@@ -189,6 +189,14 @@ def _base_name(func) -> str:
     return func.overloadpacket.__name__.rstrip("_") or func.overloadpacket.__name__
 
 
+def _window(kernel, spatial_dims: int) -> int:
+    """Values per pooling window; a one-number kernel size repeats over the spatial dims."""
+    k = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]
+    if len(k) == 1:
+        k = k * spatial_dims
+    return math.prod(k)
+
+
 def _numel(t) -> int:
     return t.numel() if isinstance(t, torch.Tensor) else 0
 
@@ -240,10 +248,7 @@ class _Counter(TorchDispatchMode):
         elif name in SUMS:
             self._record("sum", 0, _numel(args[0]) - _numel(first), first)
         elif name in AVG_POOLS or name in MAX_POOLS:
-            k = args[1] if len(args) > 1 else kwargs.get("kernel_size")
-            window = math.prod(k) if isinstance(k, (list, tuple)) else k * k
-            if len(k) == 1 if isinstance(k, (list, tuple)) else False:
-                window = k[0] * k[0]
+            window = _window(args[1] if len(args) > 1 else kwargs["kernel_size"], args[0].dim() - 2)
             if name in AVG_POOLS:
                 self._record("avg_pool", _numel(first), (window - 1) * _numel(first), first)
             else:

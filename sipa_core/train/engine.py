@@ -130,20 +130,17 @@ def half_weights(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, mean, std, *, batch_size: int = 500, device=None,
-            fp16_weights: bool = False, channels_last: bool = False, forward: Callable | None = None) -> torch.Tensor:
+            fp16_weights: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Logits (float32, on the CPU) of a uint8 image tensor, in evaluation mode."""
     device = device or next(model.parameters()).device
     net = half_weights(model) if fp16_weights else model
     was_training = net.training
     net.eval()
     mean_t, std_t = _stats(mean, device), _stats(std, device)
-    fn = forward or net
-    if forward is not None and fp16_weights:
-        raise ValueError("fp16_weights with a custom forward: pass a half_weights() model instead")
     outs = []
     for chunk in x.split(batch_size):
         xb = normalize(chunk.to(device, non_blocking=True), mean_t, std_t, channels_last)
-        outs.append(fn(xb).float().cpu())
+        outs.append(net(xb).float().cpu())
     net.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)
 
