@@ -203,7 +203,7 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
     started = time.time()
     where = f"{params_file}: improve"
     data = load_data(cfg["data"], f"{where}.data")
-    spec, checkpoint = resolve_arch(cfg["arch"], data, f"{where}.arch")
+    spec, _ = resolve_arch(cfg["arch"], data, f"{where}.arch")  # architecture only; weights come from `init`
     init = Path(cfg["init"]) if cfg["init"] else None
     if init is not None and not init.is_file():
         raise SipaError(f"{where}.init: checkpoint {init} not found")

@@ -419,7 +419,7 @@ def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=pr
     started = time.time()
     where = f"{params_file}: search"
     data = load_data(cfg["data"], f"{where}.data")
-    h, w = data.image_size
+    h, _ = data.image_size
     trial_data = subset_per_class(data, cfg["trial_images_per_class"], cfg["seed"])
     state = Path(cfg["state"])
 
