@@ -1,0 +1,283 @@
+"""Pruning: masks (global with layer-wise normalisation, layer-wise), filter
+removal, masks through training, per-tensor counting, and the stage."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import sipa_core.train as train_mod
+from helpers import save_prepared, tiny_data, tiny_model
+from sipa_core.checkpoint import load_model, save_model
+from sipa_core.pruning import (apply_masks, full_masks, layer_table, magnitude_masks, prunable, refresh_spec,
+                               remove_filters, sparsity)
+from sipa_core.prune import read_config, select_round
+from sipa_core.scoring import count
+from sipa_core.train import default_recipe, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TwoLayers(nn.Module):
+    """Two weight tensors with hand-picked magnitudes (and a bias, never pruned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=True)   # |w| = 1, 2, 3, 4       L2 norm sqrt(30) = 5.477
+        self.b = nn.Linear(2, 2, bias=False)  # |w| = 10, 20, 0.5, 40  L2 norm sqrt(2100.25) = 45.83
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 4.0]]))
+            self.b.weight.copy_(torch.tensor([[10.0, -20.0], [0.5, 40.0]]))
+
+
+def test_global_with_l2_normalisation_matches_a_hand_computation():
+    m = TwoLayers()
+    assert list(prunable(m)) == ["a.weight", "b.weight"]
+    # Normalised scores: a: 1,2,3,4 / sqrt(30) = .183 .365 .548 .730
+    #                    b: 10,20,.5,40 / sqrt(2100.25) = .218 .436 .011 .873
+    # 50% of 8 weights = 4 smallest: b.0.5 (.011), a.1 (.183), b.10 (.218), a.2 (.365).
+    masks = magnitude_masks(m, full_masks(m), 0.5, scope="global", normalize="l2")
+    assert masks["a.weight"].tolist() == [[False, False], [True, True]]
+    assert masks["b.weight"].tolist() == [[False, True], [False, True]]
+    # Without normalisation the small layer goes first: 0.5, 1, 2, 3 are the four smallest.
+    plain = magnitude_masks(m, full_masks(m), 0.5, scope="global", normalize="none")
+    assert plain["a.weight"].tolist() == [[False, False], [False, True]]
+    assert plain["b.weight"].tolist() == [[True, True], [False, True]]
+    # Unequal per-layer sparsity in the normalised global case is what makes it differ from layer-wise.
+    apply_masks(m, masks)
+    rows = {r["layer"]: r["sparsity"] for r in layer_table(m)}
+    assert rows == {"a.weight": 0.5, "b.weight": 0.5}  # here equal by construction; the next case is not
+    m2 = TwoLayers()
+    masks = magnitude_masks(m2, full_masks(m2), 0.25, scope="global", normalize="l2")  # 2 smallest: b.0.5, a.1
+    assert int((~masks["a.weight"]).sum()) == 1 and int((~masks["b.weight"]).sum()) == 1
+    masks = magnitude_masks(m2, full_masks(m2), 0.375, scope="global", normalize="l2")  # + b.10
+    assert masks["a.weight"].tolist() == [[False, True], [True, True]]  # 25% of layer a
+    assert masks["b.weight"].tolist() == [[False, True], [False, True]]  # 50% of layer b
+    assert m2.a.bias is not None and "a.bias" not in masks
+
+
+def test_layerwise_gives_equal_sparsity_and_rounds_are_cumulative():
+    m = tiny_model()
+    masks = magnitude_masks(m, full_masks(m), 0.5, scope="layerwise")
+    apply_masks(m, masks)
+    for row in layer_table(m):
+        assert row["sparsity"] == pytest.approx(0.5, abs=0.5 / row["numel"] + 1e-9), row
+    # Global-normalised on the same model: per-layer sparsity differs across layers.
+    g = tiny_model()
+    apply_masks(g, magnitude_masks(g, full_masks(g), 0.5, scope="global", normalize="l2"))
+    assert len({round(r["sparsity"], 2) for r in layer_table(g)}) > 2
+    assert sparsity(g) == pytest.approx(0.5, abs=1e-3)
+    # A later round keeps every earlier zero.
+    first = magnitude_masks(g, full_masks(g), 0.3, scope="global")
+    apply_masks(g, first)
+    second = magnitude_masks(g, first, 0.6, scope="global")
+    for name in first:
+        assert not (second[name] & ~first[name]).any()
+
+
+def test_masked_weights_stay_zero_through_training():
+    data = tiny_data()
+    m = tiny_model()
+    masks = magnitude_masks(m, full_masks(m), 0.6, scope="global")
+    apply_masks(m, masks)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    fit(m, data, default_recipe(epochs=2, batch_size=16, lr=0.1, weight_decay=5e-4), val_split=None,
+        after_step=lambda model: apply_masks(model, masks), progress=False)
+    for name, p in prunable(m).items():
+        assert (p[~masks[name]] == 0).all(), name
+        assert not torch.equal(p[masks[name]], before[name][masks[name]]), f"{name} did not train"
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) - 0.5)
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_filter_pruning_gives_a_smaller_dense_model_equal_to_the_masked_one(scope):
+    m = tiny_model()
+    _randomise_bn(m)
+    m.eval()
+    masked = copy.deepcopy(m)
+    x = torch.randn(8, 3, 16, 16)
+    n0 = sum(p.numel() for p in m.parameters())
+    removed = remove_filters(m, 0.4, x[:1], scope=scope, mirror=masked)
+    assert removed > 0
+    assert sum(p.numel() for p in m.parameters()) < n0
+    with torch.no_grad():
+        out_small, out_masked = m(x), masked(x)
+    assert out_small.shape == (8, 4)
+    # The same function; only the order of float summation differs.
+    assert torch.allclose(out_small, out_masked, rtol=0, atol=1e-5), (out_small - out_masked).abs().max()
+    # The spec records the new channel counts, so a checkpoint rebuilds the smaller network.
+    spec = refresh_spec(m)
+    assert spec["channels"]
+    from sipa_core.models import build_model
+
+    rebuilt = build_model(spec)
+    rebuilt.load_state_dict(m.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out_small)
+    # And the scorer sees a cheaper network.
+    assert count(m, (3, 16, 16)).ops < count(masked, (3, 16, 16)).ops
+
+
+def test_pruned_checkpoint_is_counted_with_per_tensor_sparsity(tmp_path):
+    """Hand count: each sparse tensor stores its nonzeros + a 1-bit mask, and
+    its layer's multiplies and additions drop by out_elems * fan_in * (1 - d)."""
+    m = tiny_model().eval()
+    dense = count(m, (3, 16, 16))
+    apply_masks(m, magnitude_masks(m, full_masks(m), 0.5, scope="global", normalize="l2"))
+    save_model(tmp_path / "p.pt", m)
+    loaded, _ = load_model(tmp_path / "p.pt")
+
+    out_elems = {}
+
+    def hook(name):
+        return lambda mod, inp, out: out_elems.__setitem__(name, out.numel())
+
+    for name, mod in loaded.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            mod.register_forward_hook(hook(name))
+    with torch.no_grad():
+        loaded(torch.zeros(1, 3, 16, 16))
+    bytes_ = dense.params_bytes
+    mults, adds = dense.mults, dense.adds
+    for name, p in prunable(loaded).items():
+        nz = int(torch.count_nonzero(p))
+        d = nz / p.numel()
+        if d >= 1 - 1 / 16:
+            continue  # cheaper stored dense
+        bytes_ += -p.numel() * 2 + nz * 2 + p.numel() / 8
+        fan = p.numel() / p.shape[0]
+        cut = out_elems[name.rsplit(".", 1)[0]] * fan * (1 - d)
+        mults -= cut
+        adds -= cut
+    pruned = count(loaded, (3, 16, 16))
+    assert pruned.params_bytes == pytest.approx(bytes_, rel=1e-12)
+    assert pruned.mults == pytest.approx(mults, rel=1e-12)
+    assert pruned.adds == pytest.approx(adds, rel=1e-12)
+    assert pruned.summary()["score"] < dense.summary()["score"]
+    # `sipa score` on the checkpoint agrees.
+    out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "score", "--checkpoint", str(tmp_path / "p.pt"),
+                          "--input-size", "16", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["params_bytes"] == pytest.approx(bytes_, rel=1e-12)
+
+
+def test_selection_rule():
+    rows = [{"round": 1, "sparsity": 0.3, "select_accuracy": 0.70},
+            {"round": 2, "sparsity": 0.5, "select_accuracy": 0.66},
+            {"round": 3, "sparsity": 0.6, "select_accuracy": 0.60}]
+    assert select_round(rows, 0.70, None, 0.05)["round"] == 2
+    assert select_round(rows, 0.70, 0.65, None)["round"] == 2
+    assert select_round(rows, 0.70, 0.61, 0.2)["round"] == 2
+    assert select_round(rows, 0.70, None, None)["round"] == 3
+    assert select_round(rows, 0.70, 0.9, None) is None
+
+
+def _stage_params(tmp_path, **prune_cfg):
+    data = tiny_data(n_train=96, n_val=32, n_test=32)
+    save_prepared(data, tmp_path / "data.pt")
+    model = tiny_model()
+    fit(model, data, default_recipe(epochs=3, batch_size=16, lr=0.1), val_split=None, progress=False)
+    save_model(tmp_path / "improve.pt", model.cpu(), recipe=default_recipe(batch_size=16, lr=0.1))
+    cfg = {"model": str(tmp_path / "improve.pt"), "data": str(tmp_path / "data.pt"),
+           "schedule": [0.3, 0.5, 0.7], "epochs": 1, "recipe": {"lr": 0.02}, "max_drop": None,
+           "out": str(tmp_path / "models/prune.pt"), "state": str(tmp_path / "state"),
+           "metrics": str(tmp_path / "metrics/prune.json"), "rounds_table": str(tmp_path / "plots/rounds.csv"),
+           "layers_table": str(tmp_path / "plots/layers.csv")}
+    cfg.update(prune_cfg)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prune": cfg}))
+    return tmp_path / "params.yaml"
+
+
+def test_stage_runs_rounds_selects_and_resumes(tmp_path, monkeypatch):
+    from sipa_core.prune import prune
+
+    params = _stage_params(tmp_path)
+    cfg = read_config(params)
+    m = prune(cfg, params_file=str(params), progress=False)
+    assert m["chosen_round"] == 3 and not m["passthrough"]  # no requirement: the sparsest round
+    assert m["sparsity"] == pytest.approx(0.7, abs=1e-3)
+    rows = (tmp_path / "plots/rounds.csv").read_text().splitlines()
+    assert rows[0].startswith("round,target,sparsity") and len(rows) == 5  # input + 3 rounds
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
+    saved, meta = load_model(tmp_path / "models/prune.pt")
+    assert sparsity(saved) == pytest.approx(0.7, abs=1e-3)
+    assert set(meta["masks"]) == set(prunable(saved))
+    assert m["params_score"] < m["input_score"]
+    for key in ("accuracy", "score", "seed", "device", "torch", "wall_time_s", "select_split"):
+        assert key in m
+
+    # A second run trains nothing: every round's result is kept.
+    calls = []
+    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: calls.append(1))
+    again = prune(read_config(params), params_file=str(params), progress=False)
+    assert calls == [] and again["score"] == m["score"] and again["accuracy"] == m["accuracy"]
+
+    # Killed after round 2: only round 3 trains again, and the result is the same.
+    monkeypatch.undo()
+    for result in Path(cfg["state"]).glob("*/round_03/*"):
+        result.unlink()
+    real_fit = train_mod.fit
+    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: calls.append(k["tag"]) or real_fit(*a, **k))
+    third = prune(read_config(params), params_file=str(params), progress=False)
+    assert calls == ["prune-round-3"]
+    assert third["score"] == m["score"] and third["accuracy"] == m["accuracy"]
+
+
+def test_stage_passes_the_input_through_when_no_round_qualifies(tmp_path):
+    from sipa_core.prune import prune
+
+    params = _stage_params(tmp_path, schedule=[0.9], epochs=0, min_accuracy=1.0)
+    m = prune(read_config(params), params_file=str(params), progress=False)
+    assert m["passthrough"] and m["chosen_round"] == 0
+    out, _ = load_model(tmp_path / "models/prune.pt")
+    ref, _ = load_model(tmp_path / "improve.pt")
+    for (n, a), (_, b) in zip(out.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_stage_filter_granularity_shrinks_the_network(tmp_path):
+    from sipa_core.prune import prune
+
+    params = _stage_params(tmp_path, granularity="filter", schedule=[0.2, 0.4], epochs=1)
+    m = prune(read_config(params), params_file=str(params), progress=False)
+    saved, _ = load_model(tmp_path / "models/prune.pt")
+    assert saved.spec["channels"] and m["chosen_round"] == 2
+    dense = count(tiny_model(), (3, 16, 16)).summary()
+    assert m["params"] < dense["params"] and m["ops"] < dense["ops"]
+    assert m["sparsity"] == pytest.approx(1 - m["params"] / dense["params"])
+    assert sum(p.numel() for p in saved.parameters()) < sum(p.numel() for p in tiny_model().parameters())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"schedule": []}, "prune.schedule: must list at least one"),
+    ({"schedule": [0.5, 0.3]}, "prune.schedule: targets must increase"),
+    ({"schedule": [0.5, 1.0]}, "prune.schedule: every target must be in (0, 1)"),
+    ({"scope": "globl"}, "prune.scope"),
+    ({"epochs": -1}, "prune.epochs"),
+    ({"recipe": {"lr": -1}}, "prune.recipe.lr"),
+    ({"sparsity": 0.5}, "prune.sparsity"),
+])
+def test_bad_params_exit_2_naming_the_key(tmp_path, change, message):
+    cfg = {"schedule": [0.5], **change}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prune": cfg}))
+    out = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and str(tmp_path / "params.yaml") in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
