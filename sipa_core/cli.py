@@ -49,13 +49,17 @@ def cmd_score(args) -> int:
         raise SipaError("sipa score: give --arch NAME (or a spec .yaml) and/or --checkpoint PATH")
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
     spec = spec_from(args.arch, **overrides)[0] if args.arch else None
+    exit_record = None
     if args.checkpoint:
-        model, _ = load_model(args.checkpoint, spec)
+        model, meta = load_model(args.checkpoint, spec)
+        exit_record = meta.get("exit") if isinstance(meta.get("exit"), dict) else None
     else:
         model = build_model(spec)
     size = args.input_size or model.spec.get("image_size", 32)
-    result = count(model, (3, size, size), bits=args.bits, uniform_sparsity=args.uniform_sparsity)
     name = model.spec.get("name") or args.arch or args.checkpoint
+    if exit_record is not None or args.exit_after is not None:
+        return _score_with_exit(args, model, exit_record, size, name)
+    result = count(model, (3, size, size), bits=args.bits, uniform_sparsity=args.uniform_sparsity)
     if args.json:
         out = result.summary()
         out["arch"] = name
@@ -66,6 +70,41 @@ def cmd_score(args) -> int:
         print(json.dumps(out, indent=2, default=list))
     else:
         print(format_report(result, name, args.layers))
+    return 0
+
+
+def _score_with_exit(args, model, record, size, name) -> int:
+    """A network with an early exit: parameters of both, expected ops at the exit ratio.
+    ``--uniform-sparsity`` applies to the main network (the exit is counted as it is)."""
+    from sipa_core.early_exit import EarlyExitNetwork, exit_config, exit_cost
+
+    if record is not None and args.exit_after is None:
+        net = EarlyExitNetwork(model, {k: v for k, v in record.items()
+                                       if k not in ("state", "threshold", "exit_ratio", "loss")})
+        net.exit.load_state_dict(record["state"])
+        ratio = record["exit_ratio"] if args.exit_ratio is None else args.exit_ratio
+    else:
+        if not hasattr(model, "boundaries"):
+            raise SipaError("sipa score: --exit-after needs an EfficientNet-family network")
+        net = EarlyExitNetwork(model, exit_config(model, args.exit_after, args.exit_width))
+        ratio = 0.0 if args.exit_ratio is None else args.exit_ratio
+    if not 0 <= ratio <= 1:
+        raise SipaError(f"sipa score: --exit-ratio must be in [0, 1], got {ratio}")
+    cost = exit_cost(net, (3, size, size), bits=args.bits, main_uniform_sparsity=args.uniform_sparsity)
+    s = cost.summary(ratio)
+    s.update(arch=name, exit_position=net.position, exit_bytes=cost.exit_bytes, exit_ops=cost.exit_ops,
+             path_ops=cost.path_ops, full_ops=cost.full_ops)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print("\n".join([
+        f"model           {name} + exit after block {net.position} (input {size}x{size}, {s['bits']}-bit values)",
+        f"parameters      {s['params_mb']:.6f} MB (main {cost.main_bytes / 1e6:.6f} + exit {cost.exit_bytes / 1e6:.6f})",
+        f"math ops        {_fmt(s['ops'])} expected at exit ratio {ratio:.4f} (path {_fmt(cost.path_ops)} + exit "
+        f"{_fmt(cost.exit_ops)}; full {_fmt(cost.full_ops)})",
+        f"params score    {s['params_score']:.6f}",
+        f"ops score       {s['ops_score']:.6f}",
+        f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)"]))
     return 0
 
 
@@ -92,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-size", type=int, default=None, help="data image size (default: the spec's)")
     s.add_argument("--layers", action="store_true", help="also show the per-layer table and block costs")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--exit-after", type=int, default=None, metavar="BLOCK",
+                   help="add the paper's exit module after this block (a checkpoint with an exit uses its own)")
+    s.add_argument("--exit-width", type=int, default=None, help="exit 1x1 width (default: the head width)")
+    s.add_argument("--exit-ratio", type=float, default=None, metavar="R",
+                   help="fraction of samples leaving at the exit (default: the checkpoint's, else 0)")
     s.set_defaults(func=cmd_score)
     a = sub.add_parser("archs", help="list the registered architectures")
     a.set_defaults(func=cmd_archs)

@@ -52,6 +52,15 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def atomic_write_csv(path, rows: list[dict], columns: list[str]) -> Path:
+    """A CSV table (floats to 6 significant digits), written atomically."""
+    def fmt(v):
+        return f"{v:.6g}" if isinstance(v, float) else "" if v is None else str(v)
+
+    lines = [",".join(columns)] + [",".join(fmt(r.get(c)) for c in columns) for r in rows]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def atomic_torch_save(path, obj) -> Path:
     return _atomic(path, lambda fh: torch.save(obj, fh), "wb")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_torch_save, atomic_write_json, atomic_write_text, load_checkpoint
+from sipa_core.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_checkpoint
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.pruning import GRANULARITIES, NORMALIZATIONS, SCOPES
 from sipa_core.train.recipe import check_recipe
@@ -82,14 +82,6 @@ def read_config(params_path: str | Path) -> dict:
     return cfg
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def select_round(rows: list[dict], reference: float, min_accuracy: float | None, max_drop: float | None):
     """The sparsest round meeting the requirement (None: none does). With no
     requirement set, the last (sparsest) round."""
@@ -104,20 +96,13 @@ def select_round(rows: list[dict], reference: float, min_accuracy: float | None,
     return max(ok, key=lambda r: (r["sparsity"], r["round"])) if ok else None
 
 
-def _csv(path, rows: list[dict], columns: list[str]) -> None:
-    def fmt(v):
-        return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-    atomic_write_text(path, "\n".join([",".join(columns)] + [",".join(fmt(r[c]) for c in columns) for r in rows]) + "\n")
-
-
 def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage; returns the metrics written to ``cfg['metrics']``."""
     from sipa_core.checkpoint import load_model, save_model
     from sipa_core.models import build_model
     from sipa_core.pruning import (apply_masks, full_masks, layer_table, magnitude_masks, masks_from_zeros,
                                    refresh_spec, remove_filters, sparsity)
-    from sipa_core.stage import load_data, score_metrics, stage_metrics
+    from sipa_core.stage import file_digest, load_data, score_metrics, stage_metrics
     from sipa_core.train import configure_model, evaluate, fit
 
     started = time.time()
@@ -145,7 +130,7 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
     example = torch.zeros(1, 3, h, h)
 
     key_blob = {k: cfg[k] for k in ("granularity", "scope", "normalize", "schedule", "retrain", "seed")}
-    key = hashlib.sha256(json.dumps({**key_blob, "recipe": recipe, "input": _file_digest(source),
+    key = hashlib.sha256(json.dumps({**key_blob, "recipe": recipe, "input": file_digest(source),
                                      "data": data.source}, sort_keys=True, default=str).encode()).hexdigest()[:12]
     run_dir = Path(cfg["state"]) / key
     model.eval()
@@ -220,8 +205,8 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
 
     columns = ["round", "target", "sparsity", "select_accuracy", "accuracy", "accuracy_change", "params", "ops",
                "params_score", "ops_score", "score", "epochs", "seconds", "chosen"]
-    _csv(cfg["rounds_table"], rows, columns)
-    _csv(cfg["layers_table"], layer_table(final), ["layer", "shape", "numel", "nonzero", "sparsity"])
+    atomic_write_csv(cfg["rounds_table"], rows, columns)
+    atomic_write_csv(cfg["layers_table"], layer_table(final), ["layer", "shape", "numel", "nonzero", "sparsity"])
     save_model(cfg["out"], final, masks=final_masks or None, recipe=recipe, stage="prune",
                pruned_round=chosen_round)
     metrics = stage_metrics(final, data, seed=cfg["seed"], device=recipe["device"], started=started,

@@ -63,6 +63,22 @@ def stage_metrics(model: nn.Module, data: PreparedData, *, seed: int, device: st
     if len(data.val_y):
         metrics["val_accuracy"] = evaluate(model, data, "val", fp16_weights=fp16)
     metrics.update(extra)
-    metrics.update(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
-                   python=platform.python_version(), wall_time_s=round(time.time() - started, 2))
+    metrics.update(provenance(seed=seed, device=device, started=started))
     return metrics
+
+
+def provenance(*, seed: int, device: str, started: float) -> dict:
+    """What every metrics file records: seed, device, versions, wall time."""
+    return dict(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
+                python=platform.python_version(), wall_time_s=round(time.time() - started, 2))
+
+
+def file_digest(path: str | Path) -> str:
+    """A short content hash: keys kept state to the exact input checkpoint."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
