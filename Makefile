@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SIPA_CIFAR10_JPEG ?= $(abspath ../shared/data/cifar10-jpeg)
 export SIPA_CIFAR10_JPEG
 
-.PHONY: install repro test clean
+.PHONY: install repro test clean profile-paper
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The paper's full recipe (GPU machines): replaces params.yaml; `git checkout params.yaml` undoes it.
+profile-paper: $(STAMP)
+	$(BIN)/python -m sipa_core.cli check-params profiles/paper.yaml
+	cp profiles/paper.yaml params.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

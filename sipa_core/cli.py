@@ -108,6 +108,26 @@ def _score_with_exit(args, model, record, size, name) -> int:
     return 0
 
 
+def check_params(path: str) -> list[str]:
+    """Check every stage's section of a params file (schemas, recipes, schedules);
+    the first problem is a SipaError naming the file and key."""
+    from sipa_core import accelerate, improve, prune, report, search
+    from sipa_core.data.prepare import PREPARE_SCHEMA
+    from sipa_core.params import check_section, load_yaml
+
+    data = load_yaml(path)
+    check_section(data.get("prepare"), PREPARE_SCHEMA, file=path, section="prepare")
+    for module in (search, improve, prune, accelerate, report):
+        module.read_config(path)
+    return ["prepare", "search", "improve", "prune", "accelerate", "report"]
+
+
+def cmd_check_params(args) -> int:
+    sections = check_params(args.file)
+    print(f"{args.file}: {', '.join(sections)} ok")
+    return 0
+
+
 def cmd_archs(args) -> int:
     from sipa_core.models import ARCHITECTURES, get_spec
 
@@ -137,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-ratio", type=float, default=None, metavar="R",
                    help="fraction of samples leaving at the exit (default: the checkpoint's, else 0)")
     s.set_defaults(func=cmd_score)
+    c = sub.add_parser("check-params", help="check every stage's section of a params file")
+    c.add_argument("file", nargs="?", default="params.yaml")
+    c.set_defaults(func=cmd_check_params)
     a = sub.add_parser("archs", help="list the registered architectures")
     a.set_defaults(func=cmd_archs)
     return p

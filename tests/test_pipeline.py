@@ -50,46 +50,67 @@ TINY_IMPROVE = dict(candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
                     base={"batch_size": 32, "lr": 0.01, "schedule": "constant"})
 
 
-def test_prepare_stage_under_dvc(project, cifar10_jpeg):
+TINY_PRUNE = dict(schedule=[0.3, 0.5, 0.6], epochs=1, max_drop=None)
+TINY_ACCELERATE = dict(positions=[2], epochs=1, thresholds=[0.2, 0.4, 0.6, 0.8], max_drop=0.3)
+
+
+def stages_run(output: str) -> set[str]:
+    return {name for name in ("prepare", "search", "improve", "prune", "accelerate", "report")
+            if f"Running stage '{name}'" in output}
+
+
+def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
+    """dvc repro end to end, then one pruning experiment and one report-only change."""
     path, env = project
     set_params(path, source="imagefolder", root=str(cifar10_jpeg), val_size=50, images_per_class=30,
                test_images_per_class=10)
     set_params(path, "search", **TINY_SEARCH)
     set_params(path, "improve", **TINY_IMPROVE)
+    set_params(path, "prune", **TINY_PRUNE)
+    set_params(path, "accelerate", **TINY_ACCELERATE)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
 
     first = run(["dvc", "repro"], path, env)
-    assert "Running stage 'prepare'" in first.stdout
+    assert stages_run(first.stdout) == {"prepare", "search", "improve", "prune", "accelerate", "report"}
     m = json.loads((path / "metrics/prepare.json").read_text())
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (250, 50, 100, 10)
-    assert (path / "data/prepared/dataset.pt").is_file()
-    assert "Running stage 'search'" in first.stdout and "Running stage 'improve'" in first.stdout
     assert json.loads((path / "metrics/search.json").read_text())["trials"] == 2
     assert (path / "models/search/arch.yaml").is_file() and (path / "plots/search_trials.csv").is_file()
     imp = json.loads((path / "metrics/improve.json").read_text())
     assert 0 <= imp["accuracy"] <= 1 and imp["score"] > 0
-    assert (path / "models/improve.pt").is_file() and (path / "plots/improve_techniques.csv").is_file()
+    pr = json.loads((path / "metrics/prune.json").read_text())
+    assert pr["chosen_round"] == 3 and pr["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert len((path / "plots/prune_rounds.csv").read_text().splitlines()) == 5
+    acc = json.loads((path / "metrics/accelerate.json").read_text())
+    assert "exit_ratio" in acc and "threshold" in acc
+    summary = json.loads((path / "metrics/summary.json").read_text())
+    assert summary["final_stage"] == "accelerate" and summary["score"] == acc["score"]
+    table = (path / "reports/table1.md").read_text()
+    assert "| Pruning |" in table and "WideResNet-28-10" in table and "Accelerating (paper)" in table
+    for name in ("prepare", "search", "improve", "prune", "accelerate"):
+        metrics = json.loads((path / f"metrics/{name}.json").read_text())
+        for key in ("seed", "device", "torch", "wall_time_s"):
+            assert key in metrics, (name, key)
 
     again = run(["dvc", "repro"], path, env)
-    assert "Running stage" not in again.stdout  # cached: nothing re-runs
+    assert stages_run(again.stdout) == set()  # cached: nothing re-runs
 
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "first run"], path, env)
-    exp = run(["dvc", "exp", "run", "-S", "improve.final_epochs=2"], path, env)
-    assert "Running stage 'improve'" in exp.stdout
-    assert "Running stage 'prepare'" not in exp.stdout and "Running stage 'search'" not in exp.stdout
-    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], path, env).stdout)
-    assert "metrics/improve.json" in diff and "metrics/prepare.json" not in diff
-    assert "metrics/search.json" not in diff
+    exp = run(["dvc", "exp", "run", "-S", "report.title=Another title"], path, env)
+    assert stages_run(exp.stdout) == {"report"}  # only the report's own params changed
+    assert "# Another title" in (path / "reports/table1.md").read_text()
+    run(["git", "checkout", "--", "."], path, env)
 
-    run(["git", "checkout", "--", "params.yaml"], path, env)
-    exp = run(["dvc", "exp", "run", "-S", "prepare.val_size=100"], path, env)
-    for name in ("prepare", "search", "improve"):
-        assert f"Running stage '{name}'" in exp.stdout
-    assert json.loads((path / "metrics/prepare.json").read_text())["val_images"] == 100
-    diff = run(["dvc", "metrics", "diff", "--json"], path, env)
-    assert json.loads(diff.stdout)["metrics/prepare.json"]["val_images"] == {"old": 50, "new": 100, "diff": 50}
+    exp = run(["dvc", "exp", "run", "-S", "prune.schedule=[0.4,0.7]"], path, env)
+    assert stages_run(exp.stdout) == {"prune", "accelerate", "report"}
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], path, env).stdout)
+    assert "metrics/search.json" not in diff and "metrics/improve.json" not in diff
+    assert diff["metrics/prune.json"]["sparsity"]["new"] == pytest.approx(0.7, abs=1e-3)
+    assert diff["metrics/prune.json"]["score"]["diff"] < 0  # sparser: a lower score
+    shown = run(["dvc", "metrics", "diff"], path, env).stdout
+    assert "metrics/prune.json" in shown and "score" in shown
 
 
 def test_bad_params_fail_the_stage_cleanly(project):

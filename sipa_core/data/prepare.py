@@ -96,6 +96,9 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     split is planned before any image is decoded, so mistakes fail fast.
     ``params_file`` only names the file in messages. Returns the metrics.
     """
+    import time
+
+    started = time.time()
     cfg = check_section(cfg, PREPARE_SCHEMA, file=params_file, section="prepare")
     where = f"{params_file}: prepare"
     plan = plan_source(
@@ -120,7 +123,9 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     data["mean"], data["std"] = channel_stats(data["train_x"])
     data["source"] = {key: cfg[key] for key in _DATA_KEYS}
     atomic_torch_save(cfg["out"], data)
-    metrics = _metrics(data)
+    from sipa_core.stage import provenance
+
+    metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
     atomic_write_json(cfg["metrics"], metrics)
     return metrics
 

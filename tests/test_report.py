@@ -1,0 +1,64 @@
+"""The report stage: Table 1 and the summary from the stages' metrics files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sipa_core.report import read_config, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(tmp_path, **scores):
+    (tmp_path / "metrics").mkdir(exist_ok=True)
+    for stage, score in scores.items():
+        m = {"accuracy": 0.5, "params": 1e5, "ops": 3e7, "params_score": score / 2, "ops_score": score / 2,
+             "score": score, "seed": 0, "device": "cpu", "torch": "x", "python": "3", "wall_time_s": 10.0}
+        (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(m))
+
+
+def _params(tmp_path, **cfg):
+    base = {"metrics_dir": str(tmp_path / "metrics"), "summary": str(tmp_path / "metrics/summary.json"),
+            "table": str(tmp_path / "reports/table1.md"), "table_csv": str(tmp_path / "plots/summary.csv")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {**base, **cfg}}))
+    return tmp_path / "params.yaml"
+
+
+def test_table_and_summary(tmp_path):
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005)
+    params = _params(tmp_path)
+    s = report(read_config(params), params_file=str(params))
+    assert s["final_stage"] == "accelerate" and s["score"] == 0.005
+    assert s["compression"]["params"] == pytest.approx(3.0)
+    assert s["pipeline_wall_time_s"] == pytest.approx(40.0)
+    table = (tmp_path / "reports/table1.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ")]
+    assert rows[0].startswith("| stage | accuracy | parameters (n) | math ops (n)")
+    assert [r.split("|")[1].strip() for r in rows[1:]] == [
+        "Searching", "Improving", "Pruning", "Accelerating", "WideResNet-28-10 (reference)",
+        "Searching (paper)", "Improving (paper)", "Pruning (paper)", "Accelerating (paper)"]
+    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 |" in rows
+    assert "0.005798" in rows[-1]
+    csv = (tmp_path / "plots/summary.csv").read_text().splitlines()
+    assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 5
+
+
+def test_missing_or_broken_metrics_exit_2(tmp_path):
+    _metrics(tmp_path, search=0.015)
+    params = _params(tmp_path, stages=["search", "prune"])
+    out = subprocess.run([sys.executable, str(ROOT / "stages/report.py"), "--params", str(params)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "report.stages" in out.stderr and "prune.json not found" in out.stderr
+    (tmp_path / "metrics/prune.json").write_text("{not json")
+    out = subprocess.run([sys.executable, str(ROOT / "stages/report.py"), "--params", str(params)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "prune.json: not valid JSON" in out.stderr
+    params = _params(tmp_path, stages=["serch"])
+    out = subprocess.run([sys.executable, str(ROOT / "stages/report.py"), "--params", str(params)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "report.stages: unknown stage 'serch'" in out.stderr
+    assert not (tmp_path / "reports/table1.md").exists()
