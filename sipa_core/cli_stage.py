@@ -20,8 +20,12 @@ def stage_main(description: str, read_config: Callable[[str], dict], run: Callab
         parser = argparse.ArgumentParser(description=description)
         parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         args = parser.parse_args(argv)
-        cfg = read_config(args.params)
+        cfg = read_config(args.params)  # checked before joining a process group: bad input fails fast
+        from sipa_core.distributed import init_from_env, is_main_process
+
+        init_from_env()  # under torchrun: data-parallel training, rank 0 writes
         metrics = run(cfg, params_file=args.params)
-        print(summarize(cfg, metrics))
+        if is_main_process():
+            print(summarize(cfg, metrics))
 
     main()

@@ -25,7 +25,14 @@ def _default_mode() -> int:
 
 
 def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> Path:
+    """Write to a temporary file in the same folder, fsync, rename into place:
+    a reader never sees a half-written file. Under data-parallel training only
+    rank 0 writes (the other processes hold the same values)."""
+    from sipa_core.distributed import is_main_process
+
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sipa_core.data.prepare import PreparedData
+from sipa_core.distributed import all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint
 from sipa_core.train.augment import (PolicyAugment, cutmix, mixup, normalize, random_crop, random_flip,
@@ -56,8 +57,10 @@ class FitResult:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun, each process its own GPU
+        from sipa_core.distributed import local_rank
+
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -218,6 +221,10 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     n, bs = len(y_train), recipe["batch_size"]
     if n == 0:
         raise SipaError("training split is empty: nothing to train on")
+    rank, world = rank_and_world()
+    if bs % world:
+        raise SipaError(f"recipe.batch_size: {bs} is not divisible by the {world} data-parallel processes")
+    local = slice(rank * bs // world, (rank + 1) * bs // world)  # this process's part of each global batch
     steps_per_epoch = max(1, n // bs)  # drop the last partial batch (BatchNorm needs >1 image)
     mean_t, std_t = _stats(data.mean, device), _stats(data.std, device)
     num_classes = data.num_classes
@@ -232,6 +239,14 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     gen = torch.Generator().manual_seed(recipe["seed"])
     policy = PolicyAugment(recipe["augment"], recipe["augment_group"]) if recipe["augment"] != "none" else None
     total_epochs = recipe["epochs"] + recipe["stabilize_epochs"]
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = net
+    if recipe["compile"]:
+        step_fn = torch.compile(net)
 
     fp = fingerprint(model, data, recipe, tag)
     start_epoch, history = 0, []
@@ -252,7 +267,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     live = _Live(live_dir, history)
 
     def save_state(epoch: int):
-        if state_path is None:
+        if state_path is None or rank != 0:
             return
         atomic_torch_save(state_path, {
             "format": STATE_FORMAT, "fingerprint": fp, "epoch": epoch, "history": history,
@@ -262,6 +277,8 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
         })
 
     quiet = None if progress is None else not progress  # None: tqdm shows bars only on a terminal
+    if rank != 0:
+        quiet = True
     epochs_bar = tqdm(range(start_epoch, total_epochs), desc=desc, unit="epoch", disable=quiet,
                       initial=start_epoch, total=total_epochs, leave=False)
     for epoch in epochs_bar:
@@ -284,8 +301,10 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
             targets = soft_targets(yb, num_classes, 0.0 if stabilizing else recipe["label_smoothing"])
             if not stabilizing:
                 xf, targets = _mix(xf, targets, recipe, gen)
+            if world > 1:  # the same global batch on every process; each trains on its slice
+                xf, targets, yb = xf[local], targets[local], yb[local]
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(xf)
+                logits = step_fn(xf)
             loss = loss_fn(logits.float(), targets, yb)
             # First non-finite step, tracked on the device: no host sync per step on a GPU.
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
@@ -302,6 +321,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
             loss_sum += loss.detach()
         if bad_step >= 0:  # one sync per epoch
             _diverged(loss_sum, epoch, bad_step, state_path)
+        loss_sum = all_mean(loss_sum)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

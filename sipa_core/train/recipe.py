@@ -45,6 +45,7 @@ RECIPE_SCHEMA = {
     "stabilize_lr": Field(float, 0.001, min=0, min_exclusive=True),
     "precision": Field(str, "fp32", choices=PRECISIONS, help="autocast dtype on the training device"),
     "channels_last": Field(bool, False),
+    "compile": Field(bool, False, help="torch.compile the training step's model (GPU: faster after warm-up)"),
     "seed": Field(int, 0, min=0),
     "deterministic": Field(bool, True, help="deterministic kernels (same run, same metrics on the CPU)"),
     "device": Field(str, "auto", help="auto | cpu | cuda | cuda:N"),
