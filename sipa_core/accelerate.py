@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from sipa_core.early_exit import LOSSES
 from sipa_core.errors import SipaError
+from sipa_core.faults import fault_point
 from sipa_core.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_checkpoint
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.train.recipe import check_recipe
@@ -59,10 +61,11 @@ ACCELERATE_SCHEMA = {
     "recipe": Field(dict, {}, help="overrides of the input checkpoint's training recipe"),
     "update_main_bn": Field(bool, False, help="let the frozen main network's BatchNorm statistics update"),
     "thresholds": Field(list, None, nullable=True, check=_thresholds,
-                        help="candidate confidence thresholds (null: 0.50, 0.51, ..., 0.99)"),
+                        help="candidate confidence thresholds (null: 0.05, 0.06, ..., 0.99)"),
     "table_thresholds": Field(list, [0.85, 0.88, 0.92], check=_thresholds,
                               help="thresholds shown for every position in the exit table (Table 2)"),
     "min_accuracy": Field(float, None, nullable=True, min=0, max=1, help="validation accuracy target (absolute)"),
+    "allow_no_exit": Field(bool, True, help="pass the main network through when no exit lowers its score"),
     "max_drop": Field(float, 0.01, nullable=True, min=0, max=1,
                       help="validation accuracy target: at most this below the main network's"),
     "exit_sparsity": Field(float, 0.0, min=0, max=1, max_exclusive=True,
@@ -85,7 +88,7 @@ def read_config(params_path: str | Path) -> dict:
     if cfg["kernel"] % 2 != 1:
         raise SipaError(f"{params_path}: accelerate.kernel: must be odd (same padding), got {cfg['kernel']}")
     if cfg["thresholds"] is None:
-        cfg["thresholds"] = [round(0.5 + 0.01 * i, 2) for i in range(50)]
+        cfg["thresholds"] = [round(0.05 + 0.01 * i, 2) for i in range(95)]
     return cfg
 
 
@@ -171,6 +174,7 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
                 net.exit.load_state_dict(saved["exit"])
                 if cfg["update_main_bn"]:
                     net.main.load_state_dict(saved["main"])
+                print(f"exit after block {position} ({loss}): kept from {result}", file=sys.stderr)
                 return net, saved
 
         def train_mode(model):
@@ -202,6 +206,7 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
             x, _ = data.split(split)
             out[split] = predict(scored, x, data.mean, data.std, batch_size=recipe["eval_batch_size"])  # exit logits
         atomic_torch_save(result, out)
+        fault_point("exit")
         return net, out
 
     def main_logits_for(net, saved):
@@ -241,6 +246,12 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
     main_score = score_metrics(main, data, cfg["bits"])
     metrics = {"main_accuracy": main_test_acc, "main_val_accuracy": main_val_acc, "val_target": target,
                "score_without_exit": main_score["score"], "loss": cfg["loss"]}
+    if chosen is None:
+        metrics["passthrough_reason"] = "no exit meets the validation accuracy target"
+    elif cfg["allow_no_exit"] and chosen["score"] >= main_score["score"]:
+        metrics["passthrough_reason"] = f"the best exit (score {chosen['score']:.6f}) does not lower the score"
+        metrics["best_exit_score"] = chosen["score"]
+        chosen = None
     if chosen is None:
         # No exit meets the target: the main network passes through unchanged.
         metrics.update(main_score)

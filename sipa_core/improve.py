@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,7 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
         run_dir = state / kind / key
         result_file = run_dir / "result.json"
         if result_file.is_file() and live is None:
+            print(f"improve {kind} {key}: kept from {result_file}", file=sys.stderr)
             return json.loads(result_file.read_text()), None
         try:
             res = fit(model, data, recipe, state_path=run_dir / "state.pt", live_dir=live,

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from sipa_core.errors import SipaError
+from sipa_core.faults import fault_point
 
 
 def _default_mode() -> int:
@@ -33,20 +34,27 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
     path = Path(path)
     if not is_main_process():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise SipaError(f"{path}: could not write ({err.strerror or err})") from None
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("write")
         os.chmod(tmp, _default_mode())  # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError):  # a full disk, a file-size limit, a read-only folder
+            raise SipaError(f"{path}: could not write ({err.strerror or err}); the previous version, "
+                            f"if any, is unchanged") from None
         raise
     return path
 

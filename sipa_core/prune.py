@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from sipa_core.errors import SipaError
+from sipa_core.faults import fault_point
 from sipa_core.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_checkpoint
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.pruning import GRANULARITIES, NORMALIZATIONS, SCOPES
@@ -154,6 +156,7 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
                 model.load_state_dict(saved["model"])
                 masks = saved["masks"]
                 rows.append(saved["row"])
+                print(f"prune round {k}: kept from {result}", file=sys.stderr)
                 continue
         t0 = time.time()
         if cfg["granularity"] == "weight":
@@ -189,6 +192,7 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
                "seconds": round(time.time() - t0, 2)}
         atomic_torch_save(result, {"format": ROUND_FORMAT, "arch": dict(model.spec), "model": model.state_dict(),
                                    "masks": masks, "row": row})
+        fault_point("round")
         rows.append(row)
 
     chosen = select_round(rows[1:], ref_select, cfg["min_accuracy"], cfg["max_drop"])

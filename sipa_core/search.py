@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from sipa_core.errors import SipaError
+from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_json, atomic_write_text
 from sipa_core.models import decode_blocks, efficientnet_spec, get_spec
 from sipa_core.models.blocks import BlockArgs, round_filters
@@ -336,6 +337,8 @@ def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None,
     state = Path(cfg["state"])
     store = TrialStore(state / f"{step}.json")
     records = store.load()
+    if records:
+        log(f"search {step}: {len(records)} finished trial(s) kept from {store.path}")
     h, _ = data.image_size
     while len(records) < cfg["max_evals"]:
         point, vals = propose(step, cfg, records, cfg["method"])
@@ -347,6 +350,7 @@ def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None,
         records.append({"tid": tid, "step": step, "vals": vals, "point": jsonable(point), "blocks": blocks,
                         **scaling, **result, "run_dir": str(run_dir), "seconds": round(time.time() - t0, 2)})
         store.save(records)
+        fault_point("trial")
         log(f"search {step} trial {tid + 1}/{cfg['max_evals']}: {result['status']}, score {result['score']:.6f}, "
             f"accuracy {result['accuracy']:.4f}, fitness {result['fitness']:.4f}")
     return records

@@ -6,8 +6,8 @@ from sipa_core.cli_stage import stage_main
 
 def summary(cfg, m):
     if m["passthrough"]:
-        return (f"accelerate: no exit met the validation target {m['val_target']:.4f}; the main network "
-                f"passes through (accuracy {m['accuracy']:.4f}, score {m['score']:.6f})")
+        return (f"accelerate: {m['passthrough_reason']}; the main network passes through "
+                f"(accuracy {m['accuracy']:.4f}, score {m['score']:.6f})")
     return (f"accelerate: exit after block {m['exit_position']} at threshold {m['threshold']:.2f}: "
             f"{m['exit_ratio']:.1%} of test images exit; accuracy {m['accuracy']:.4f} ({m['accuracy_change']:+.4f}); "
             f"ops -{m['ops_saving']:.1%}; score {m['score']:.6f} (without exit {m['score_without_exit']:.6f})")

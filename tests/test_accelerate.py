@@ -147,7 +147,7 @@ def _stage_params(tmp_path, main_ckpt, test_seed=0, wrong_val_labels=False, **ac
     save_prepared(data, tmp_path / "data.pt")
     cfg = {"model": str(main_ckpt), "data": str(tmp_path / "data.pt"), "positions": [0],
            "epochs": 2, "recipe": {"lr": 0.05}, "max_drop": 0.2, "thresholds": [0.3, 0.5, 0.7, 0.9],
-           "table_thresholds": [0.5, 0.9],
+           "table_thresholds": [0.5, 0.9], "allow_no_exit": False,
            "out": str(tmp_path / "models/acc.pt"), "state": str(tmp_path / "state"),
            "metrics": str(tmp_path / "metrics/acc.json"), "table": str(tmp_path / "plots/exits.csv"),
            "risk_coverage": str(tmp_path / "plots/rc.csv")}

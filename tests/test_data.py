@@ -356,7 +356,7 @@ def test_failed_write_leaves_existing_output_unchanged(tmp_path, folder, monkeyp
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SipaError, match="could not write \\(disk full\\)"):
         run_prepare(tmp_path, folder, val_size=6)
     assert Path(cfg["out"]).read_bytes() == before
     assert sorted(p.name for p in Path(cfg["out"]).parent.iterdir()) == ["dataset.pt", "prepare.json"]

@@ -107,7 +107,10 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
         image_size=cfg["image_size"], seed=cfg["seed"], where=where,
     )
     train_idx, val_idx = split_train_val(plan.train_y, len(plan.classes), cfg["val_size"], cfg["seed"], where)
-    raw = plan.decode(progress)
+    try:
+        raw = plan.decode(progress)
+    except SipaError as err:  # an unreadable image: name the key that pointed at it
+        raise SipaError(f"{where}.root: {err}") from None
 
     data = {
         "format": FORMAT,

@@ -260,33 +260,34 @@ def scan_imagefolder(root: str | os.PathLike, where: str = "prepare") -> tuple[l
         raise SipaError(f"{where}.root: folder {root} not found (source imagefolder expects {_LAYOUT})")
     for part in PARTS:  # both parts first: a missing test/ is the likelier mistake than an empty class
         if not (root / part).is_dir():
-            raise SipaError(f"{root / part}: folder not found (source imagefolder expects {_LAYOUT})")
+            raise SipaError(f"{where}.root: {root / part}: folder not found (source imagefolder expects {_LAYOUT})")
     exts = image_extensions()
     files = {}
     for part in PARTS:
         part_dir = root / part
         class_dirs = sorted(p for p in part_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
-            raise SipaError(f"{part_dir}: no class subfolders (expected {part_dir}/<class>/<image>)")
-        files[part] = {d.name: _list_images(d, exts) for d in class_dirs}
+            raise SipaError(f"{where}.root: {part_dir}: no class subfolders, so no images "
+                            f"(expected {part_dir}/<class>/<image>)")
+        files[part] = {d.name: _list_images(d, exts, where) for d in class_dirs}
     names = sorted(files["train"])
     if sorted(files["test"]) != names:
         missing = sorted(set(names) - set(files["test"]))
         extra = sorted(set(files["test"]) - set(names))
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
         raise SipaError(
-            f"{root / 'test'}: its class folders differ from those of {root / 'train'} ({'; '.join(parts)})"
+            f"{where}.root: {root / 'test'}: its class folders differ from those of {root / 'train'} ({'; '.join(parts)})"
         )
     return names, files
 
 
-def _list_images(class_dir: Path, exts: frozenset[str]) -> list[Path]:
+def _list_images(class_dir: Path, exts: frozenset[str], where: str = "prepare") -> list[Path]:
     images = sorted(
         p for p in class_dir.iterdir()
         if p.suffix.lower() in exts and not p.name.startswith(".") and p.is_file()
     )
     if not images:
-        raise SipaError(f"{class_dir}: no image files in this class folder")
+        raise SipaError(f"{where}.root: {class_dir}: no image files in this class folder")
     return images
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from sipa_core.data.prepare import PreparedData
 from sipa_core.distributed import all_mean, rank_and_world
 from sipa_core.errors import SipaError
+from sipa_core.faults import fault_point
 from sipa_core.io import atomic_torch_save, load_checkpoint
 from sipa_core.train.augment import (PolicyAugment, cutmix, mixup, normalize, random_crop, random_flip,
                                      soft_targets)
@@ -264,6 +265,10 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
                 torch.cuda.set_rng_state_all(state["rng_cuda"])
             start_epoch, history = int(state["epoch"]), list(state["history"])
     resumed_from = start_epoch
+    if start_epoch and rank == 0:
+        import sys
+
+        print(f"{desc}: resuming after epoch {start_epoch}/{total_epochs} from {state_path}", file=sys.stderr)
     live = _Live(live_dir, history)
 
     def save_state(epoch: int):
@@ -318,6 +323,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
             sched.step()
             if after_step is not None:
                 after_step(model)
+            fault_point("step")
             loss_sum += loss.detach()
         if bad_step >= 0:  # one sync per epoch
             _diverged(loss_sum, epoch, bad_step, state_path)
@@ -332,6 +338,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
             row["val_acc"] = evaluate(model, data, val_split, batch_size=recipe["eval_batch_size"])
         history.append(row)
         save_state(epoch + 1)
+        fault_point("epoch")
         live.log(row)
         epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get('val_acc', float('nan')):.3f}")
     live.end()

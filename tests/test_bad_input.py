@@ -1,0 +1,166 @@
+"""The bad-input corpus: every case gets one line naming the file and key,
+exit status 2, before any long computation, and earlier outputs stay intact."""
+
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import save_prepared, tiny_arch_yaml, tiny_data, tiny_model
+from sipa_core.checkpoint import save_model
+from sipa_core.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTINEL = '{"score": 0.5}\n'
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """Inputs every case starts from: data, an architecture, checkpoints good and bad."""
+    d = tmp_path_factory.mktemp("bad")
+    save_prepared(tiny_data(), d / "data.pt")
+    tiny_arch_yaml(d / "arch.yaml")
+    save_model(d / "good.pt", tiny_model())
+    (d / "truncated.pt").write_bytes((d / "good.pt").read_bytes()[:200])
+    torch.save([1, 2, 3], d / "foreign.pt")
+    torch.save({"format": "sipa-checkpoint", "model": {}, "x": Payload()}, d / "evil.pt", pickle_module=pickle)
+    save_model(d / "other_arch.pt", build_model("sipa_baseline_32", num_classes=4))
+    (d / "empty_folder/train").mkdir(parents=True)
+    (d / "empty_folder/test").mkdir(parents=True)
+    for split in ("train", "test"):
+        (d / f"broken_folder/{split}/cat").mkdir(parents=True)
+        (d / f"broken_folder/{split}/cat/0.jpg").write_bytes(b"not a jpeg at all")
+    return d
+
+
+GOOD = {
+    "prepare": {"source": "imagefolder", "root": "empty_folder", "out": "data/prepared.pt", "val_size": 0,
+                "metrics": "metrics/prepare.json"},
+    "improve": {"arch": "arch.yaml", "data": "data.pt", "candidates": ["cosine"], "trial_epochs": 1,
+                "final_epochs": 1, "base": {"batch_size": 16}},
+    "prune": {"model": "good.pt", "data": "data.pt", "schedule": [0.5], "epochs": 1},
+    "accelerate": {"model": "good.pt", "data": "data.pt", "positions": [0], "epochs": 1},
+    "report": {"stages": ["prune"]},
+}
+
+# (stage, section changes or raw YAML text, what the one line must say)
+CASES = [
+    ("prune", "prune: [unclosed", "malformed YAML at line 1"),
+    ("prune", {"prune": {"schedul": [0.5]}}, "prune.schedul: unknown key (did you mean prune.schedule?)"),
+    ("prune", {"prune": {"epochs": "two"}}, "prune.epochs"),
+    ("improve", {"improve": {"final_epochs": -1}}, "improve.final_epochs"),
+    ("improve", {"improve": {"base": {"epochs": -3}}}, "improve.base.epochs"),
+    ("prune", {"prune": {"schedule": [0.5, 1.0]}}, "prune.schedule: every target must be in (0, 1)"),
+    ("prune", {"prune": {"schedule": []}}, "prune.schedule: must list at least one"),
+    ("accelerate", {"accelerate": {"thresholds": [0.5, 1.2]}}, "accelerate.thresholds: every threshold must be in [0, 1]"),
+    ("accelerate", {"accelerate": {"table_thresholds": [-0.1]}}, "accelerate.table_thresholds"),
+    ("accelerate", {"accelerate": {"positions": [7]}}, "accelerate.positions: block 7 is past"),
+    ("prune", {"prune": {"model": "missing.pt"}}, "prune.model: checkpoint missing.pt not found"),
+    ("prune", {"prune": {"model": "truncated.pt"}}, "truncated, corrupt or not a torch file"),
+    ("prune", {"prune": {"model": "foreign.pt"}}, "not a sipa checkpoint nor a state_dict"),
+    ("accelerate", {"accelerate": {"model": "evil.pt"}}, "pickled code or objects that are not plain tensors"),
+    ("improve", {"improve": {"init": "other_arch.pt"}}, "does not fit architecture"),
+    ("prune", {"prune": {"data": "nothing.pt"}}, "prune.data: prepared data nothing.pt not found"),
+    ("prepare", {}, "prepare.root: empty_folder/train: no class subfolders, so no images"),
+    ("prepare", {"prepare": {"root": "broken_folder"}}, "prepare.root: broken_folder/t"),  # + "cannot read image"
+
+    ("report", {"report": {"stages": ["prun"]}}, "report.stages: unknown stage 'prun'"),
+]
+
+
+def write_params(work: Path, change) -> Path:
+    path = work / "params.yaml"
+    if isinstance(change, str):
+        path.write_text(change)
+        return path
+    params = {k: dict(v) for k, v in GOOD.items()}
+    for section, values in change.items():
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(params[section].get(key), dict):
+                params[section][key] = {**params[section][key], **value}
+            else:
+                params[section][key] = value
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_stage(name, work, preexec=None):
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), "--params", "params.yaml"],
+                          cwd=work, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+
+
+@pytest.mark.parametrize("stage, change, message", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_is_one_clear_line_and_exit_2(project, stage, change, message):
+    work = project
+    metrics = work / "metrics" / f"{stage}.json"
+    metrics.parent.mkdir(exist_ok=True)
+    metrics.write_text(SENTINEL)  # an earlier run's output
+    write_params(work, change)
+    p = run_stage(stage, work)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert message in lines[0], lines[0]
+    assert "params.yaml" in lines[0] or ".pt" in lines[0], lines[0]  # the file, and the key or the bad input
+    if "broken_folder" in message:
+        assert "cannot read image" in lines[0]
+    assert "pickled code ran" not in p.stdout + p.stderr
+    assert metrics.read_text() == SENTINEL  # nothing already written is lost or half-written
+
+
+def test_full_disk_while_writing_keeps_the_old_file(project, tmp_path):
+    """A file-size limit makes the checkpoint write fail like a full disk does:
+    one line, exit 2, the previous checkpoint and metrics untouched."""
+    work = tmp_path
+    for name in ("data.pt", "good.pt"):
+        (work / name).write_bytes((project / name).read_bytes())
+    (work / "models").mkdir()
+    old = b"previous checkpoint"
+    (work / "models/prune.pt").write_bytes(old)
+    (work / "metrics").mkdir()
+    (work / "metrics/prune.json").write_text(SENTINEL)
+    write_params(work, {"prune": {"epochs": 0}})
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    p = run_stage("prune", work, preexec=limit)
+    assert p.returncode == 2, p.stderr[-2000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert "could not write (File too large)" in line and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert (work / "models/prune.pt").read_bytes() == old
+    assert (work / "metrics/prune.json").read_text() == SENTINEL
+    assert not list(work.rglob(".*.tmp"))  # the unfinished temporary file is removed
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(project, tmp_path):
+    from sipa_core.errors import SipaError
+    from sipa_core.train import default_recipe, fit, soft_cross_entropy
+
+    calls = []
+
+    def poisoned(logits, targets, labels):  # the first step of epoch 2 (4 steps per epoch) goes NaN
+        calls.append(1)
+        loss = soft_cross_entropy(logits, targets)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    state = tmp_path / "state.pt"
+    with pytest.raises(SipaError, match=r"loss is nan at epoch 2, step 1; the last good state is .*state.pt \(epoch 1\)"):
+        fit(tiny_model(), tiny_data(), default_recipe(epochs=3, batch_size=16), state_path=state, loss_fn=poisoned,
+            val_split=None, progress=False)
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["model"].values()
+                                       if v.is_floating_point())
