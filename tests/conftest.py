@@ -16,3 +16,31 @@ def cifar10_jpeg() -> Path:
     if not (path / "train").is_dir() or not (path / "test").is_dir():
         pytest.skip(f"SIPA_CIFAR10_JPEG={value}: no train/ and test/ folders there")
     return path
+
+
+@pytest.fixture
+def run_script(capsys, monkeypatch):
+    """Run a stage script (or ``-m sipa_core.cli``) in this process, as its
+    ``__main__``: the same argument parsing, checks and exit status as a
+    subprocess, without a second interpreter's start-up. Returns (status, stdout, stderr)."""
+    import runpy
+    import sys
+
+    def run(script, *args, cwd=None):
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
+        code = 0
+        try:
+            if script == "sipa":
+                from sipa_core.cli import main
+
+                code = main(list(map(str, args))) or 0
+            else:
+                runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -212,11 +212,10 @@ def test_stage_without_a_reachable_target_passes_the_main_network_through(tmp_pa
     ({"loss": "focal"}, "accelerate.loss"),
     ({"epochs": 0}, "accelerate.epochs"),
 ])
-def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, main_ckpt):
+def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, main_ckpt, run_script):
     (tmp_path / "d").mkdir()
     params = _stage_params(tmp_path / "d", main_ckpt, **change)
-    out = subprocess.run([sys.executable, str(ROOT / "stages/accelerate.py"), "--params", str(params)],
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr and str(params) in out.stderr, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, _, err = run_script(ROOT / "stages/accelerate.py", "--params", params, cwd=tmp_path)
+    assert code == 2, err
+    assert message in err and str(params) in err, err
+    assert len(err.strip().splitlines()) == 1

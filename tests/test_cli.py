@@ -135,22 +135,16 @@ def test_archs_lists_the_registry(sipa):
     assert p.returncode == 0 and "sipa_baseline" in p.stdout and "wrn28_10" in p.stdout
 
 
-def test_check_params_accepts_both_profiles_and_names_a_bad_key(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_check_params_accepts_both_profiles_and_names_a_bad_key(tmp_path, run_script):
     import yaml
 
     root = Path(__file__).resolve().parents[1]
     for name in ("params.yaml", "profiles/paper.yaml"):
-        out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "check-params", str(root / name)],
-                             capture_output=True, text=True)
-        assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+        code, out, err = run_script("sipa", "check-params", root / name)
+        assert code == 0 and "ok" in out, err
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["prune"]["schedul"] = [0.5]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
-    out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "check-params", str(tmp_path / "p.yaml")],
-                         capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "prune.schedul: unknown key (did you mean prune.schedule?)" in out.stderr
+    code, _, err = run_script("sipa", "check-params", tmp_path / "p.yaml")
+    assert code == 2
+    assert "prune.schedul: unknown key (did you mean prune.schedule?)" in err

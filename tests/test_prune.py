@@ -273,11 +273,10 @@ def test_stage_filter_granularity_shrinks_the_network(tmp_path):
     ({"recipe": {"lr": -1}}, "prune.recipe.lr"),
     ({"sparsity": 0.5}, "prune.sparsity"),
 ])
-def test_bad_params_exit_2_naming_the_key(tmp_path, change, message):
+def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, run_script):
     cfg = {"schedule": [0.5], **change}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prune": cfg}))
-    out = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--params", str(tmp_path / "params.yaml")],
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 2
-    assert message in out.stderr and str(tmp_path / "params.yaml") in out.stderr, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, _, err = run_script(ROOT / "stages/prune.py", "--params", tmp_path / "params.yaml", cwd=tmp_path)
+    assert code == 2
+    assert message in err and str(tmp_path / "params.yaml") in err, err
+    assert len(err.strip().splitlines()) == 1

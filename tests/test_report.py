@@ -47,18 +47,15 @@ def test_table_and_summary(tmp_path):
     assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 5
 
 
-def test_missing_or_broken_metrics_exit_2(tmp_path):
+def test_missing_or_broken_metrics_exit_2(tmp_path, run_script):
     _metrics(tmp_path, search=0.015)
     params = _params(tmp_path, stages=["search", "prune"])
-    out = subprocess.run([sys.executable, str(ROOT / "stages/report.py"), "--params", str(params)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "report.stages" in out.stderr and "prune.json not found" in out.stderr
+    code, _, err = run_script(ROOT / "stages/report.py", "--params", params)
+    assert code == 2 and "report.stages" in err and "prune.json not found" in err
     (tmp_path / "metrics/prune.json").write_text("{not json")
-    out = subprocess.run([sys.executable, str(ROOT / "stages/report.py"), "--params", str(params)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "prune.json: not valid JSON" in out.stderr
+    code, _, err = run_script(ROOT / "stages/report.py", "--params", params)
+    assert code == 2 and "prune.json: not valid JSON" in err
     params = _params(tmp_path, stages=["serch"])
-    out = subprocess.run([sys.executable, str(ROOT / "stages/report.py"), "--params", str(params)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "report.stages: unknown stage 'serch'" in out.stderr
+    code, _, err = run_script(ROOT / "stages/report.py", "--params", params)
+    assert code == 2 and "report.stages: unknown stage 'serch'" in err
     assert not (tmp_path / "reports/table1.md").exists()
