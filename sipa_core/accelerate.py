@@ -101,28 +101,20 @@ def choose(candidates: list[dict], target: float) -> dict | None:
 
 def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage; returns the metrics written to ``cfg['metrics']``."""
-    from sipa_core.checkpoint import load_model, save_model
+    from sipa_core.checkpoint import save_model
     from sipa_core.early_exit import (LOSS_FUNCTIONS, EarlyExitNetwork, exit_config, exit_cost, risk_coverage,
                                       simulate)
     from sipa_core.pruning import apply_masks, full_masks, magnitude_masks, sparsity
-    from sipa_core.stage import file_digest, load_data, provenance, score_metrics
+    from sipa_core.stage import file_digest, load_data, load_input_model, provenance, score_metrics
     from sipa_core.train import fit, half_weights, predict
 
     started = time.time()
     where = f"{params_file}: accelerate"
     data = load_data(cfg["data"], f"{where}.data")
     source = Path(cfg["model"])
-    if not source.is_file():
-        raise SipaError(f"{where}.model: checkpoint {source} not found; run the pruning stage first")
-    try:
-        main, meta = load_model(source)
-    except SipaError as err:
-        raise SipaError(f"{where}.model: {err}") from None
+    main, meta = load_input_model(source, data, f"{where}.model", "pruning")
     if not hasattr(main, "boundaries"):
         raise SipaError(f"{where}.model: early exits need an EfficientNet-family network")
-    if main.spec.get("num_classes") != data.num_classes:
-        raise SipaError(f"{where}.model: {source} predicts {main.spec['num_classes']} classes, "
-                        f"the data has {data.num_classes}")
     last = len(main.boundaries()) - 2
     bad = [p for p in cfg["positions"] if p > last]
     if bad:
@@ -322,13 +314,10 @@ def _adaptive_predictions(net, x, data, threshold: float, batch_size: int) -> to
 def load_early_exit(path) -> tuple[torch.nn.Module, dict]:
     """An accelerate checkpoint as an ``EarlyExitNetwork`` (and its exit record)."""
     from sipa_core.checkpoint import load_model
-    from sipa_core.early_exit import EarlyExitNetwork
+    from sipa_core.early_exit import from_record
 
     main, meta = load_model(path)
     record = meta.get("exit")
     if not isinstance(record, dict) or "state" not in record:
         raise SipaError(f"{path}: no early exit in this checkpoint")
-    net = EarlyExitNetwork(main, {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio",
-                                                                               "loss")})
-    net.exit.load_state_dict(record["state"])
-    return net.eval(), record
+    return from_record(main, record, path).eval(), record

@@ -76,12 +76,10 @@ def cmd_score(args) -> int:
 def _score_with_exit(args, model, record, size, name) -> int:
     """A network with an early exit: parameters of both, expected ops at the exit ratio.
     ``--uniform-sparsity`` applies to the main network (the exit is counted as it is)."""
-    from sipa_core.early_exit import EarlyExitNetwork, exit_config, exit_cost
+    from sipa_core.early_exit import EarlyExitNetwork, exit_config, exit_cost, from_record
 
     if record is not None and args.exit_after is None:
-        net = EarlyExitNetwork(model, {k: v for k, v in record.items()
-                                       if k not in ("state", "threshold", "exit_ratio", "loss")})
-        net.exit.load_state_dict(record["state"])
+        net = from_record(model, record, args.checkpoint)
         ratio = record["exit_ratio"] if args.exit_ratio is None else args.exit_ratio
     else:
         if not hasattr(model, "boundaries"):

@@ -94,6 +94,19 @@ class EarlyExitNetwork(nn.Module):
         return logits, exited
 
 
+def from_record(main: nn.Module, record: dict, path="checkpoint") -> EarlyExitNetwork:
+    """The network a checkpoint's ``exit`` record describes (config + weights)."""
+    from sipa_core.checkpoint import fit_state_dict
+
+    cfg = {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio", "loss")}
+    try:
+        net = EarlyExitNetwork(main, cfg)
+    except (KeyError, TypeError) as err:
+        raise SipaError(f"{path}: malformed exit record ({err})") from None
+    fit_state_dict(net.exit, record["state"], path, "its exit module")
+    return net
+
+
 def softsmoothing_loss(logits: torch.Tensor, targets: torch.Tensor, labels=None) -> torch.Tensor:
     """(1 + max softmax) x cross-entropy, per sample; the confidence is not
     detached, so the loss also pushes against over-confidence."""

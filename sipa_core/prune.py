@@ -104,22 +104,14 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
     from sipa_core.models import build_model
     from sipa_core.pruning import (apply_masks, full_masks, layer_table, magnitude_masks, masks_from_zeros,
                                    refresh_spec, remove_filters, sparsity)
-    from sipa_core.stage import file_digest, load_data, score_metrics, stage_metrics
+    from sipa_core.stage import file_digest, load_data, load_input_model, score_metrics, stage_metrics
     from sipa_core.train import configure_model, evaluate, fit
 
     started = time.time()
     where = f"{params_file}: prune"
     data = load_data(cfg["data"], f"{where}.data")
     source = Path(cfg["model"])
-    if not source.is_file():
-        raise SipaError(f"{where}.model: checkpoint {source} not found; run the improving stage first")
-    try:
-        model, meta = load_model(source)
-    except SipaError as err:
-        raise SipaError(f"{where}.model: {err}") from None
-    if model.spec.get("num_classes") != data.num_classes:
-        raise SipaError(f"{where}.model: {source} predicts {model.spec.get('num_classes')} classes, "
-                        f"the data has {data.num_classes}")
+    model, meta = load_input_model(source, data, f"{where}.model", "improving")
     if cfg["granularity"] == "filter" and not hasattr(model, "channel_counts"):
         raise SipaError(f"{where}.granularity: filter pruning needs an EfficientNet-family network")
     split = cfg["select_split"]

@@ -40,6 +40,21 @@ def build_for(spec: dict, seed: int, init: Path | None = None) -> nn.Module:
     return model
 
 
+def load_input_model(path: str | Path, data: PreparedData, where: str, producer: str):
+    """The previous stage's checkpoint (model, checkpoint dict), checked against the data."""
+    path = Path(path)
+    if not path.is_file():
+        raise SipaError(f"{where}: checkpoint {path} not found; run the {producer} stage first")
+    try:
+        model, meta = load_model(path)
+    except SipaError as err:
+        raise SipaError(f"{where}: {err}") from None
+    if model.spec.get("num_classes") != data.num_classes:
+        raise SipaError(f"{where}: {path} predicts {model.spec.get('num_classes')} classes, "
+                        f"the data has {data.num_classes}")
+    return model, meta
+
+
 def load_data(path: str | Path, where: str) -> PreparedData:
     if not Path(path).is_file():
         raise SipaError(f"{where}: prepared data {path} not found; run the prepare stage first (dvc repro prepare)")

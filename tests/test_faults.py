@@ -116,35 +116,21 @@ def test_improve_resumes(reference, tmp_path, fault, resumed):
     same_checkpoint(work / "models/improve.pt", reference / "models/improve.pt")
 
 
-@pytest.mark.parametrize("fault, resumed", [
-    ("round:2", "prune round 2: kept"),     # between pruning rounds
-    ("step:15", "prune round 1: kept"),     # mid-round (round 2's first epoch)
+@pytest.mark.parametrize("name, given, out, fault, resumed", [
+    ("prune", "models/improve.pt", "models/prune.pt", "round:2", "prune round 2: kept"),  # between rounds
+    ("prune", "models/improve.pt", "models/prune.pt", "step:15", "prune round 1: kept"),  # mid-round 2
+    ("accelerate", "models/prune.pt", "models/accelerate.pt", "epoch:2", "resuming after epoch 2"),  # mid exit training
+    ("accelerate", "models/prune.pt", "models/accelerate.pt", "exit:1", "kept from"),  # before the comparison exit
 ])
-def test_prune_resumes(reference, tmp_path, fault, resumed):
-    clone_inputs(reference, tmp_path, "models/improve.pt")
-    killed = stage("prune", tmp_path, fault)
+def test_prune_and_accelerate_resume(reference, tmp_path, name, given, out, fault, resumed):
+    clone_inputs(reference, tmp_path, given)
+    killed = stage(name, tmp_path, fault)
     assert killed.returncode == KILLED
-    again = stage("prune", tmp_path)
+    again = stage(name, tmp_path)
     assert again.returncode == 0, again.stderr
     assert resumed in again.stderr
-    same_metrics(tmp_path / "metrics/prune.json", reference / "metrics/prune.json")
-    same_checkpoint(tmp_path / "models/prune.pt", reference / "models/prune.pt")
-    assert (tmp_path / "plots/prune_rounds.csv").read_text() != ""
-
-
-@pytest.mark.parametrize("fault, resumed", [
-    ("epoch:2", "resuming after epoch 2"),  # mid exit training
-    ("exit:1", "kept from"),                # after the exit is trained, before the comparison exit
-])
-def test_accelerate_resumes(reference, tmp_path, fault, resumed):
-    clone_inputs(reference, tmp_path, "models/prune.pt")
-    killed = stage("accelerate", tmp_path, fault)
-    assert killed.returncode == KILLED
-    again = stage("accelerate", tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert resumed in again.stderr
-    same_metrics(tmp_path / "metrics/accelerate.json", reference / "metrics/accelerate.json")
-    same_checkpoint(tmp_path / "models/accelerate.pt", reference / "models/accelerate.pt")
+    same_metrics(tmp_path / f"metrics/{name}.json", reference / f"metrics/{name}.json")
+    same_checkpoint(tmp_path / out, reference / out)
 
 
 def test_killed_write_leaves_the_old_file_whole(tmp_path):
