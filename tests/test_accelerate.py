@@ -219,3 +219,19 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, main_ckpt, 
     assert code == 2, err
     assert message in err and str(params) in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_exit_pruning_reuses_the_pruning_code(tmp_path, main_ckpt):
+    from sipa_core.pruning import prunable
+
+    (tmp_path / "e").mkdir()
+    params = _stage_params(tmp_path / "e", main_ckpt, exit_sparsity=0.5, exit_prune_epochs=1, compare_loss=False,
+                           epochs=1, max_drop=1.0)
+    m = accelerate(read_config(params), params_file=str(params), progress=False)
+    assert not m["passthrough"] and m["exit_sparsity"] == pytest.approx(0.5, abs=0.01)
+    net, _ = load_early_exit(tmp_path / "e/models/acc.pt")
+    zeros = sum(int((p == 0).sum()) for p in prunable(net.exit).values())
+    total = sum(p.numel() for p in prunable(net.exit).values())
+    assert zeros / total == pytest.approx(0.5, abs=0.01)
+    dense = exit_cost(EarlyExitNetwork(net.main, net.exit_cfg), (3, 16, 16))
+    assert m["exit_bytes"] < dense.exit_bytes  # the sparse exit is counted with its own sparsity
