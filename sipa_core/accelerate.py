@@ -22,7 +22,7 @@ import torch
 from sipa_core.early_exit import LOSSES
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
-from sipa_core.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_checkpoint
+from sipa_core.io import atomic_torch_save, atomic_write_csv, load_checkpoint, publish_metrics, publishing
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.train.recipe import check_recipe
 
@@ -249,7 +249,8 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
         metrics.update(main_score)
         metrics.update(accuracy=main_test_acc, exit_position=None, threshold=None, exit_ratio=0.0,
                        val_exit_ratio=0.0, passthrough=True, accuracy_change=0.0, ops_saving=0.0)
-        save_model(cfg["out"], main, masks=meta.get("masks"), recipe=recipe, stage="accelerate")
+        final_model, exit_record = main, None
+        rc_rows, rc_columns = [], ["coverage", f"risk_{cfg['loss']}"]
     else:
         position, t = chosen["position"], chosen["threshold"]
         net, saved, ml, cost = nets[position]
@@ -272,9 +273,9 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
             exit_sparsity=sparsity(net.exit), exit_bytes=cost.exit_bytes)
         metrics["accuracy_change"] = metrics["accuracy"] - main_test_acc
         metrics["ops_saving"] = 1 - metrics["ops"] / main_score["ops"]
-        save_model(cfg["out"], net.main, masks=meta.get("masks"), recipe=recipe, stage="accelerate",
-                   exit={**net.exit_cfg, "state": net.exit.state_dict(), "threshold": t, "exit_ratio": test_ratio,
-                         "loss": cfg["loss"]})
+        final_model = net.main
+        exit_record = {**net.exit_cfg, "state": net.exit.state_dict(), "threshold": t, "exit_ratio": test_ratio,
+                       "loss": cfg["loss"]}
         # Figure 9: risk-coverage of the two losses' exits at the chosen position.
         curves = {cfg["loss"]: risk_coverage(saved["test"], y["test"])}
         if cfg["compare_loss"]:
@@ -285,18 +286,20 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
         names = list(curves)
         rc_rows = [{"coverage": cov, **{f"risk_{n}": curves[n][0][i][1] for n in names}}
                    for i, (cov, _) in enumerate(curves[names[0]][0])]
-        atomic_write_csv(cfg["risk_coverage"], rc_rows, ["coverage"] + [f"risk_{n}" for n in names])
-    if chosen is None:
-        atomic_write_csv(cfg["risk_coverage"], [], ["coverage", f"risk_{cfg['loss']}"])
+        rc_columns = ["coverage"] + [f"risk_{n}" for n in names]
     for row in rows:
         row["chosen"] = "yes" if chosen is not None and (row["position"], row["threshold"]) == (
             chosen["position"], chosen["threshold"]) else "no"
     rows.sort(key=lambda r: (r["position"], r["threshold"]))
-    atomic_write_csv(cfg["table"], rows, ["position", "channels", "size", "path_ops_ratio", "added_params_ratio",
-                                          "threshold", "val_exit_ratio", "val_accuracy", "exit_ratio", "accuracy",
-                                          "path_accuracy", "ops", "score", "chosen"])
+    with publishing(cfg["metrics"]):
+        save_model(cfg["out"], final_model, masks=meta.get("masks"), recipe=recipe, stage="accelerate",
+                   **({"exit": exit_record} if exit_record is not None else {}))
+        atomic_write_csv(cfg["risk_coverage"], rc_rows, rc_columns)
+        atomic_write_csv(cfg["table"], rows, ["position", "channels", "size", "path_ops_ratio", "added_params_ratio",
+                                              "threshold", "val_exit_ratio", "val_accuracy", "exit_ratio",
+                                              "accuracy", "path_accuracy", "ops", "score", "chosen"])
     metrics.update(provenance(seed=cfg["seed"], device=recipe["device"], started=started))
-    atomic_write_json(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics)
     return metrics
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_write_json, atomic_write_text
+from sipa_core.io import atomic_write_json, atomic_write_text, publish_metrics, publishing
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.train.recipe import check_recipe
 
@@ -208,6 +208,11 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
     init = Path(cfg["init"]) if cfg["init"] else None
     if init is not None and not init.is_file():
         raise SipaError(f"{where}.init: checkpoint {init} not found")
+    if init is not None:  # a checkpoint that does not fit the architecture fails now, not after trials
+        try:
+            build_for(spec, 0, init)
+        except SipaError as err:
+            raise SipaError(f"{where}.init: {err}") from None
     state = Path(cfg["state"])
     base, options = cfg["base"], cfg["options"]
     candidates = ordered(cfg["candidates"], cfg["order"])
@@ -247,7 +252,6 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
         adopted += [n for n in candidates if TECHNIQUES[n].final_only]
     else:
         adopted, decisions, base_acc = ordered(cfg["adopt"], cfg["order"]), [], float("nan")
-    write_table(cfg["table"], decisions, base_acc)
 
     final_recipe = apply_techniques(base, adopted, options)
     no_val = "no_validation" in adopted
@@ -263,10 +267,12 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
 
         extra["base_accuracy"] = evaluate(base_model, data, "test", fp16_weights=cfg["bits"] == 16)
     model.cpu().eval()
-    save_model(cfg["out"], model, recipe=final_recipe, adopted=adopted, stage="improve")
+    with publishing(cfg["metrics"]):
+        write_table(cfg["table"], decisions, base_acc)
+        save_model(cfg["out"], model, recipe=final_recipe, adopted=adopted, stage="improve")
     metrics = stage_metrics(model, data, seed=base["seed"], device=base["device"], started=started,
                             bits=cfg["bits"], adopted=",".join(adopted) or "-", **extra)
     if "base_accuracy" in extra:
         metrics["gain_over_base"] = metrics["accuracy"] - extra["base_accuracy"]
-    atomic_write_json(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics)
     return metrics

@@ -8,6 +8,7 @@ leaves the previous version intact.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +47,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
             os.fsync(fh.fileno())
         fault_point("write")
         os.chmod(tmp, _default_mode())  # mkstemp creates 0600; outputs are ordinary files
+        if _STAGED is not None:
+            _STAGED.append((tmp, path))  # renamed when the publishing block ends
+            return path
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -57,6 +61,45 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
                             f"if any, is unchanged") from None
         raise
     return path
+
+
+_STAGED: list[tuple[str, Path]] | None = None  # inside `publishing`: renames waiting for the block's end
+
+
+@contextmanager
+def publishing(metrics_path):
+    """Write a stage's final outputs (checkpoint, tables) as one step.
+
+    Inside the block every atomic write stops at its fsynced temporary file.
+    If the block fails (a full disk), the temporary files are removed and the
+    earlier outputs and metrics stay as they were. If it succeeds, the earlier
+    metrics file is removed, then the outputs are renamed into place; the
+    caller writes the new metrics last (``publish_metrics``). A kill in between
+    leaves outputs without metrics, never outputs beside metrics that
+    describe others.
+    """
+    global _STAGED
+    _STAGED = []
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in _STAGED:
+            Path(tmp).unlink(missing_ok=True)
+        _STAGED = None
+        raise
+    staged, _STAGED = _STAGED, None
+    from sipa_core.distributed import is_main_process
+
+    if is_main_process():
+        Path(metrics_path).unlink(missing_ok=True)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+
+
+def publish_metrics(path, metrics: dict) -> Path:
+    """The last write of a stage: its metrics, after every other output."""
+    fault_point("publish")
+    return atomic_write_json(path, metrics)
 
 
 def atomic_write_text(path, text: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
-from sipa_core.io import atomic_torch_save, atomic_write_csv, atomic_write_json, load_checkpoint
+from sipa_core.io import atomic_torch_save, atomic_write_csv, load_checkpoint, publish_metrics, publishing
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.pruning import GRANULARITIES, NORMALIZATIONS, SCOPES
 from sipa_core.train.recipe import check_recipe
@@ -201,10 +201,11 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
 
     columns = ["round", "target", "sparsity", "select_accuracy", "accuracy", "accuracy_change", "params", "ops",
                "params_score", "ops_score", "score", "epochs", "seconds", "chosen"]
-    atomic_write_csv(cfg["rounds_table"], rows, columns)
-    atomic_write_csv(cfg["layers_table"], layer_table(final), ["layer", "shape", "numel", "nonzero", "sparsity"])
-    save_model(cfg["out"], final, masks=final_masks or None, recipe=recipe, stage="prune",
-               pruned_round=chosen_round)
+    with publishing(cfg["metrics"]):
+        atomic_write_csv(cfg["rounds_table"], rows, columns)
+        atomic_write_csv(cfg["layers_table"], layer_table(final), ["layer", "shape", "numel", "nonzero", "sparsity"])
+        save_model(cfg["out"], final, masks=final_masks or None, recipe=recipe, stage="prune",
+                   pruned_round=chosen_round)
     metrics = stage_metrics(final, data, seed=cfg["seed"], device=recipe["device"], started=started,
                             bits=cfg["bits"], chosen_round=chosen_round, passthrough=chosen is None,
                             rounds=len(cfg["schedule"]), sparsity=rows[chosen_round]["sparsity"],
@@ -213,5 +214,5 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
                             normalize=cfg["normalize"], retrain=cfg["retrain"])
     metrics["accuracy_change"] = metrics["accuracy"] - ref_test
     metrics["input_score"] = ref_score["score"]
-    atomic_write_json(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics)
     return metrics

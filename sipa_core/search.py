@@ -30,7 +30,7 @@ import torch
 
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
-from sipa_core.io import atomic_write_json, atomic_write_text
+from sipa_core.io import atomic_write_json, atomic_write_text, publish_metrics, publishing
 from sipa_core.models import decode_blocks, efficientnet_spec, get_spec
 from sipa_core.models.blocks import BlockArgs, round_filters
 from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
@@ -463,12 +463,12 @@ def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=pr
         model, _ = load_model(Path(best["run_dir"]) / "model.pt", spec)
         extra = {"trials": len(rows), "best_trial": trial_id(best), "fitness": best["fitness"],
                  "median_fitness": statistics.median(r["fitness"] for r in rows if r["status"] == "trained")}
-    write_tables(cfg, rows)
     model.cpu().eval()
-    spec_out = dict(model.spec)
-    atomic_write_text(cfg["out_arch"], yaml.safe_dump(spec_out, sort_keys=False))
-    save_model(cfg["out"], model, stage="search")
+    with publishing(cfg["metrics"]):
+        write_tables(cfg, rows)
+        atomic_write_text(cfg["out_arch"], yaml.safe_dump(dict(model.spec), sort_keys=False))
+        save_model(cfg["out"], model, stage="search")
     metrics = stage_metrics(model, data, seed=cfg["seed"], device=cfg["recipe"]["device"], started=started,
                             bits=cfg["bits"], method=cfg["method"], **extra)
-    atomic_write_json(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics)
     return metrics

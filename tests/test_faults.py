@@ -121,11 +121,17 @@ def test_improve_resumes(reference, tmp_path, fault, resumed):
     ("prune", "models/improve.pt", "models/prune.pt", "step:15", "prune round 1: kept"),  # mid-round 2
     ("accelerate", "models/prune.pt", "models/accelerate.pt", "epoch:2", "resuming after epoch 2"),  # mid exit training
     ("accelerate", "models/prune.pt", "models/accelerate.pt", "exit:1", "kept from"),  # before the comparison exit
+    ("prune", "models/improve.pt", "models/prune.pt", "publish:1", "prune round 3: kept"),  # outputs written, not metrics
 ])
 def test_prune_and_accelerate_resume(reference, tmp_path, name, given, out, fault, resumed):
-    clone_inputs(reference, tmp_path, given)
+    clone_inputs(reference, tmp_path, given, f"metrics/{name}.json")  # + an earlier run's metrics
     killed = stage(name, tmp_path, fault)
     assert killed.returncode == KILLED
+    if fault.startswith("publish"):  # outputs in place, the earlier metrics removed: never a checkpoint
+        assert (tmp_path / out).is_file()  # beside metrics that describe another one
+        assert not (tmp_path / f"metrics/{name}.json").exists()
+    else:  # killed while working: the earlier outputs and metrics are untouched
+        assert (tmp_path / f"metrics/{name}.json").read_text() == (reference / f"metrics/{name}.json").read_text()
     again = stage(name, tmp_path)
     assert again.returncode == 0, again.stderr
     assert resumed in again.stderr

@@ -18,7 +18,7 @@ import torch
 
 from sipa_core.data.sources import SOURCES, plan_source
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_torch_save, atomic_write_json, load_checkpoint
+from sipa_core.io import atomic_torch_save, load_checkpoint, publish_metrics, publishing
 from sipa_core.params import Field, check_section
 
 FORMAT = "sipa-prepared"
@@ -125,11 +125,12 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     }
     data["mean"], data["std"] = channel_stats(data["train_x"])
     data["source"] = {key: cfg[key] for key in _DATA_KEYS}
-    atomic_torch_save(cfg["out"], data)
+    with publishing(cfg["metrics"]):
+        atomic_torch_save(cfg["out"], data)
     from sipa_core.stage import provenance
 
     metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
-    atomic_write_json(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics)
     return metrics
 
 
