@@ -201,7 +201,7 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
         fault_point("exit")
         return net, out
 
-    def main_logits_for(net, saved):
+    def main_logits_for(net):
         # With BN updates the main network changed too: its logits come from this exit's run.
         if not cfg["update_main_bn"]:
             return main_logits
@@ -214,7 +214,7 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
     rows, candidates, nets = [], [], {}
     for position in cfg["positions"]:
         net, saved = train_exit(position, cfg["loss"])
-        ml = main_logits_for(net, saved)
+        ml = main_logits_for(net)
         cost = exit_cost(net, input_shape, bits=cfg["bits"])
         nets[position] = (net, saved, ml, cost)
         exit_acc = float((saved["test"].argmax(1) == y["test"]).float().mean())

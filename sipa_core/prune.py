@@ -102,7 +102,7 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
     """Run the stage; returns the metrics written to ``cfg['metrics']``."""
     from sipa_core.checkpoint import load_model, save_model
     from sipa_core.models import build_model
-    from sipa_core.pruning import (apply_masks, full_masks, layer_table, magnitude_masks, masks_from_zeros,
+    from sipa_core.pruning import (apply_masks, layer_table, magnitude_masks, masks_from_zeros,
                                    refresh_spec, remove_filters, sparsity)
     from sipa_core.stage import file_digest, load_data, load_input_model, score_metrics, stage_metrics
     from sipa_core.train import configure_model, evaluate, fit

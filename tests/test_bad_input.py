@@ -1,7 +1,6 @@
 """The bad-input corpus: every case gets one line naming the file and key,
 exit status 2, before any long computation, and earlier outputs stay intact."""
 
-import os
 import pickle
 import resource
 import signal

@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from helpers import TINY_BLOCKS, save_prepared, tiny_arch_yaml, tiny_data, tiny_model
+from helpers import TINY_BLOCKS, save_prepared, tiny_arch_yaml, tiny_data
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLED = -signal.SIGKILL

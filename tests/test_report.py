@@ -1,8 +1,6 @@
 """The report stage: Table 1 and the summary from the stages' metrics files."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
