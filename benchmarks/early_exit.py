@@ -39,8 +39,8 @@ def timed(fn, repeats: int, device) -> float:
 
 def main() -> None:
     from sipa_core.accelerate import load_early_exit
-    from sipa_core.early_exit import EarlyExitNetwork, exit_config, exit_cost
-    from sipa_core.models import build_model
+    from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost
+    from sipa_core.models import create_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="an accelerate-stage checkpoint (its exit and threshold)")
@@ -61,7 +61,7 @@ def main() -> None:
         net, record = load_early_exit(args.checkpoint)
         threshold = record["threshold"]
     else:
-        main_net = build_model(args.arch).eval()
+        main_net = create_model(args.arch).eval()
         net = EarlyExitNetwork(main_net, exit_config(main_net, args.exit_after)).eval()
         with torch.no_grad():  # a random exit is near-uniform: spread its confidences so a threshold splits them
             net.exit[-1].weight.mul_(50)
@@ -69,11 +69,10 @@ def main() -> None:
     size = net.main.spec["image_size"]
     if args.data:
         from sipa_core.data.prepare import load_prepared
-        from sipa_core.train.augment import normalize
-        from sipa_core.train.engine import _stats
+        from sipa_core.train import normalized
 
         data = load_prepared(args.data)
-        x = normalize(data.test_x[: args.batch], _stats(data.mean, "cpu"), _stats(data.std, "cpu"), False)
+        x = normalized(data.test_x[: args.batch], data.mean, data.std)
     else:
         x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     net, x = net.to(device), x.to(device)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipa_core.data.prepare import PreparedData  # noqa: E402
-from sipa_core.models import build_model  # noqa: E402
+from sipa_core.models import create_model  # noqa: E402
 from sipa_core.train import default_recipe, fit, predict  # noqa: E402
 
 MEAN, STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
@@ -97,7 +97,7 @@ def reference(arch, x, y, steps, warmup, batch, workers, device):
             return tf(x[i]), y[i]
 
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=100).to(device).train()
+    model = create_model(arch, num_classes=100).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     loader = DataLoader(Images(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
@@ -148,7 +148,7 @@ def project(arch, x, y, steps, warmup, batch, device, fast: set[str]):
                             channels_last="nchw" not in fast, precision="bf16" if cuda and "fp32" not in fast else "fp32",
                             compile="compile" in fast, deterministic=False, device=str(device))
     torch.manual_seed(0)
-    model = build_model(arch, num_classes=100)
+    model = create_model(arch, num_classes=100)
     reset_peak(device)
     res = fit(model, data, recipe, val_split=None, progress=False)
     train_ips = res.history[-1]["images_per_sec"]  # the last epoch: after warm-up (and compilation)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipa_core.data.prepare import PreparedData  # noqa: E402
-from sipa_core.models import build_model  # noqa: E402
+from sipa_core.models import create_model  # noqa: E402
 from sipa_core.train import default_recipe, fit, predict, resolve_device  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main():
 
     data = synthetic(args.images, 100)
     torch.manual_seed(0)
-    model = build_model(args.arch, num_classes=100)
+    model = create_model(args.arch, num_classes=100)
     recipe = default_recipe(epochs=args.epochs, batch_size=args.batch, precision=args.precision,
                             channels_last=args.channels_last, augment=args.augment, device=args.device,
                             deterministic=not args.nondeterministic)

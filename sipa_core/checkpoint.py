@@ -15,7 +15,7 @@ from torch import nn
 
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint
-from sipa_core.models import build_model, get_spec, make_spec
+from sipa_core.models import create_model, create_spec, create_family_spec
 
 FORMAT = "sipa-checkpoint"
 VERSION = 1
@@ -67,12 +67,12 @@ def load_model(path, arch: dict | str | None = None) -> tuple[nn.Module, dict]:
         if not (isinstance(obj, dict) and isinstance(obj.get("arch"), dict)):
             raise SipaError(f"{path}: a bare state_dict needs an architecture (--arch)")
         arch = obj["arch"]
-    model = build_model(arch)
+    model = create_model(arch)
     fit_state_dict(model, state, path, model.spec.get("name") or model.spec["family"])
     return model, obj if isinstance(obj, dict) else {}
 
 
-def spec_from(value: str, **overrides) -> tuple[dict, Path | None]:
+def create_spec_from(value: str, **overrides) -> tuple[dict, Path | None]:
     """An architecture spec from a registered name, a spec YAML or a sipa checkpoint.
 
     Returns the spec (with ``overrides``) and the checkpoint path when
@@ -89,9 +89,9 @@ def spec_from(value: str, **overrides) -> tuple[dict, Path | None]:
         if not isinstance(raw, dict) or "family" not in raw:
             raise SipaError(f"{value}: no architecture spec here (a mapping with a 'family' key)")
         fields = {k: v for k, v in raw.items() if k != "family"}
-        return make_spec(raw["family"], **{**fields, **overrides}), None
+        return create_family_spec(raw["family"], **{**fields, **overrides}), None
     if value.endswith((".pt", ".pth")):
         model, _ = load_model(value)
         fields = {k: v for k, v in model.spec.items() if k != "family"}
-        return make_spec(model.spec["family"], **{**fields, **overrides}), path
-    return get_spec(value, **overrides), None
+        return create_family_spec(model.spec["family"], **{**fields, **overrides}), path
+    return create_spec(value, **overrides), None

@@ -41,20 +41,20 @@ def format_report(result, name: str, layers: bool) -> str:
 
 
 def cmd_score(args) -> int:
-    from sipa_core.checkpoint import load_model, spec_from
-    from sipa_core.models import build_model
+    from sipa_core.checkpoint import load_model, create_spec_from
+    from sipa_core.models import create_model
     from sipa_core.scoring import count
 
     if args.arch is None and args.checkpoint is None:
         raise SipaError("sipa score: give --arch NAME (or a spec .yaml) and/or --checkpoint PATH")
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    spec = spec_from(args.arch, **overrides)[0] if args.arch else None
+    spec = create_spec_from(args.arch, **overrides)[0] if args.arch else None
     exit_record = None
     if args.checkpoint:
         model, meta = load_model(args.checkpoint, spec)
         exit_record = meta.get("exit") if isinstance(meta.get("exit"), dict) else None
     else:
-        model = build_model(spec)
+        model = create_model(spec)
     size = args.input_size or model.spec.get("image_size", 32)
     name = model.spec.get("name") or args.arch or args.checkpoint
     if exit_record is not None or args.exit_after is not None:
@@ -76,7 +76,7 @@ def cmd_score(args) -> int:
 def _score_with_exit(args, model, record, size, name) -> int:
     """A network with an early exit: parameters of both, expected ops at the exit ratio.
     ``--uniform-sparsity`` applies to the main network (the exit is counted as it is)."""
-    from sipa_core.early_exit import EarlyExitNetwork, exit_config, exit_cost, from_record
+    from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost, from_record
 
     if record is not None and args.exit_after is None:
         net = from_record(model, record, args.checkpoint)
@@ -106,31 +106,19 @@ def _score_with_exit(args, model, record, size, name) -> int:
     return 0
 
 
-def check_params(path: str) -> list[str]:
-    """Check every stage's section of a params file (schemas, recipes, schedules);
-    the first problem is a SipaError naming the file and key."""
-    from sipa_core import accelerate, improve, prune, report, search
-    from sipa_core.data.prepare import PREPARE_SCHEMA
-    from sipa_core.params import check_section, load_yaml
-
-    data = load_yaml(path)
-    check_section(data.get("prepare"), PREPARE_SCHEMA, file=path, section="prepare")
-    for module in (search, improve, prune, accelerate, report):
-        module.read_config(path)
-    return ["prepare", "search", "improve", "prune", "accelerate", "report"]
-
-
 def cmd_check_params(args) -> int:
+    from sipa_core.pipeline import check_params
+
     sections = check_params(args.file)
     print(f"{args.file}: {', '.join(sections)} ok")
     return 0
 
 
 def cmd_archs(args) -> int:
-    from sipa_core.models import ARCHITECTURES, get_spec
+    from sipa_core.models import ARCHITECTURES, create_spec
 
     for name in sorted(ARCHITECTURES):
-        spec = get_spec(name)
+        spec = create_spec(name)
         extra = ", ".join(f"{k}={spec[k]}" for k in ("width", "depth", "resolution", "widen") if k in spec)
         print(f"{name:<18} {spec['family']:<13} {extra}")
     return 0

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_write_json, atomic_write_text
+from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.stage_runner import Stage
 
 STAGES = ("search", "improve", "prune", "accelerate")
 STAGE_TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating"}
@@ -44,12 +46,9 @@ def _stage_list(value) -> str | None:
 
 REPORT_SCHEMA = {
     "stages": Field(list, list(STAGES), check=_stage_list, help="stages whose metrics form the table"),
-    "metrics_dir": Field(str, "metrics"),
     "references": Field(bool, True, help="add WideResNet-28-10 and the paper's rows"),
     "title": Field(str, "SIPA: MicroNet scores per stage"),
-    "summary": Field(str, "metrics/summary.json"),
-    "table": Field(str, "reports/table1.md"),
-    "table_csv": Field(str, "plots/summary_stages.csv"),
+    **path_fields('report'),
 }
 
 
@@ -126,3 +125,11 @@ def _prepare_seconds(metrics_dir) -> float:
         return float(json.loads(path.read_text()).get("wall_time_s", 0))
     except (OSError, ValueError, TypeError):
         return 0.0
+
+
+def summary(cfg: dict, m: dict) -> str:
+    return (f"report: {m['final_stage']} accuracy {m['accuracy']:.4f}, score {m['score']:.6f} "
+            f"(params {m['params_score']:.6f} + ops {m['ops_score']:.6f}) -> {cfg['table']}, {cfg['summary']}")
+
+
+STAGE = Stage("report", __doc__, read_config, report, summary)

@@ -1,17 +1,12 @@
 """DVC stage ``accelerate``: an early exit on the pruned network, its threshold calibrated on validation."""
 
-from sipa_core.accelerate import accelerate, read_config
-from sipa_core.cli_stage import stage_main
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also in a queued experiment's copy)
 
-def summary(cfg, m):
-    if m["passthrough"]:
-        return (f"accelerate: {m['passthrough_reason']}; the main network passes through "
-                f"(accuracy {m['accuracy']:.4f}, score {m['score']:.6f})")
-    return (f"accelerate: exit after block {m['exit_position']} at threshold {m['threshold']:.2f}: "
-            f"{m['exit_ratio']:.1%} of test images exit; accuracy {m['accuracy']:.4f} ({m['accuracy_change']:+.4f}); "
-            f"ops -{m['ops_saving']:.1%}; score {m['score']:.6f} (without exit {m['score_without_exit']:.6f})")
-
+from sipa_core.accelerate.stage import STAGE
+from sipa_core.stage_runner import stage_main
 
 if __name__ == "__main__":
-    stage_main(__doc__, read_config, accelerate, summary)
+    stage_main(STAGE)

@@ -1,13 +1,12 @@
 """DVC stage ``improve``: greedy selection of training techniques, then the final training."""
 
-from sipa_core.cli_stage import stage_main
-from sipa_core.improve import improve, read_config
+import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also in a queued experiment's copy)
 
-def summary(cfg, m):
-    base = f", base recipe {m['base_accuracy']:.4f}" if "base_accuracy" in m else ""
-    return f"improve: adopted {m['adopted']}; test accuracy {m['accuracy']:.4f}{base}; score {m['score']:.6f}"
-
+from sipa_core.improve.stage import STAGE
+from sipa_core.stage_runner import stage_main
 
 if __name__ == "__main__":
-    stage_main(__doc__, read_config, improve, summary)
+    stage_main(STAGE)

@@ -1,9 +1,12 @@
 """DVC stage ``search``: hyperopt search of block arguments and scaling coefficients (or a preset)."""
 
-from sipa_core.cli_stage import stage_main
-from sipa_core.search import read_config, search
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also in a queued experiment's copy)
+
+from sipa_core.search.stage import STAGE
+from sipa_core.stage_runner import stage_main
 
 if __name__ == "__main__":
-    stage_main(__doc__, read_config, search,
-               lambda cfg, m: f"search ({m['method']}, {m['trials']} trials): accuracy {m['accuracy']:.4f}, "
-                              f"score {m['score']:.6f} -> {cfg['out_arch']}")
+    stage_main(STAGE)

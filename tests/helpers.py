@@ -3,14 +3,14 @@
 import torch
 
 from sipa_core.data.prepare import PreparedData
-from sipa_core.models import build_model, efficientnet_spec
+from sipa_core.models import create_model, efficientnet_spec
 
 TINY_BLOCKS = ["r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e2_i8_o16_se0.25"]
 
 
 def tiny_model(num_classes=4, seed=0, **spec):
     torch.manual_seed(seed)
-    return build_model(efficientnet_spec(TINY_BLOCKS, image_size=16, num_classes=num_classes, head=32, **spec))
+    return create_model(efficientnet_spec(TINY_BLOCKS, image_size=16, num_classes=num_classes, head=32, **spec))
 
 
 def tiny_data(n_train=64, n_val=16, n_test=16, num_classes=4, size=16, seed=0) -> PreparedData:

@@ -14,9 +14,9 @@ import yaml
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.accelerate import accelerate, choose, load_early_exit, read_config
 from sipa_core.checkpoint import save_model
-from sipa_core.early_exit import (EarlyExitNetwork, exit_config, exit_cost, risk_coverage, simulate,
+from sipa_core.accelerate.exits import (EarlyExitNetwork, exit_config, exit_cost, risk_coverage, simulate,
                                   softsmoothing_loss)
-from sipa_core.models import build_model
+from sipa_core.models import create_model
 from sipa_core.train import default_recipe, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ TOL = 1e-6
 def test_authors_exit_after_block_4_at_64_percent():
     """Facts sheet: exit module after block 4 of sipa_baseline, main at 64% uniform
     sparsity, exit ratio 0.3217 -> params 0.455319 MB, scores 0.003119 + 0.002847."""
-    main = build_model("sipa_baseline")
+    main = create_model("sipa_baseline")
     net = EarlyExitNetwork(main, exit_config(main, 4))
     assert net.exit_cfg["channels"] == 48 and net.exit_cfg["size"] == 15 and net.exit_cfg["width"] == 136
     cost = exit_cost(net, (3, 32, 32), main_uniform_sparsity=0.64)
@@ -68,7 +68,7 @@ def _trained_tiny(data):
 
 @pytest.mark.parametrize("update_bn", [False, True])
 def test_frozen_main_weights_do_not_change(update_bn):
-    from sipa_core.early_exit import softsmoothing_loss as loss
+    from sipa_core.accelerate.exits import softsmoothing_loss as loss
 
     data = tiny_data()
     main = _trained_tiny(data)
@@ -222,7 +222,7 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, main_ckpt, 
 
 
 def test_exit_pruning_reuses_the_pruning_code(tmp_path, main_ckpt):
-    from sipa_core.pruning import prunable
+    from sipa_core.prune.masks import prunable
 
     (tmp_path / "e").mkdir()
     params = _stage_params(tmp_path / "e", main_ckpt, exit_sparsity=0.5, exit_prune_epochs=1, compare_loss=False,

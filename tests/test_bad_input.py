@@ -14,7 +14,7 @@ import yaml
 
 from helpers import save_prepared, tiny_arch_yaml, tiny_data, tiny_model
 from sipa_core.checkpoint import save_model
-from sipa_core.models import build_model
+from sipa_core.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTINEL = '{"score": 0.5}\n'
@@ -35,7 +35,7 @@ def project(tmp_path_factory):
     (d / "truncated.pt").write_bytes((d / "good.pt").read_bytes()[:200])
     torch.save([1, 2, 3], d / "foreign.pt")
     torch.save({"format": "sipa-checkpoint", "model": {}, "x": Payload()}, d / "evil.pt", pickle_module=pickle)
-    save_model(d / "other_arch.pt", build_model("sipa_baseline_32", num_classes=4))
+    save_model(d / "other_arch.pt", create_model("sipa_baseline_32", num_classes=4))
     (d / "empty_folder/train").mkdir(parents=True)
     (d / "empty_folder/test").mkdir(parents=True)
     for split in ("train", "test"):

@@ -12,7 +12,7 @@ import torch
 from sipa_core.checkpoint import load_model, save_model
 from sipa_core.cli import main
 from sipa_core.errors import SipaError
-from sipa_core.models import build_model
+from sipa_core.models import create_model
 
 
 def sipa_subprocess(*args):
@@ -69,7 +69,7 @@ def test_score_table_and_wrn(sipa):
 
 
 def test_checkpoint_round_trip(tmp_path, sipa):
-    model = build_model("sipa_baseline_32", num_classes=10)
+    model = create_model("sipa_baseline_32", num_classes=10)
     with torch.no_grad():
         model.blocks[3].project[0].weight.mul_(
             (torch.rand_like(model.blocks[3].project[0].weight) > 0.5).float())
@@ -105,11 +105,11 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, sipa):
     assert_clean_failure(sipa("score", "--arch", "sipa_basline"), "unknown architecture", "sipa_baseline")
     assert_clean_failure(sipa("score", "--checkpoint", str(tmp_path / "nope.pt")), "nope.pt", "not found")
     bad = tmp_path / "trunc.pt"
-    save_model(bad, build_model("sipa_baseline_32"))
+    save_model(bad, create_model("sipa_baseline_32"))
     bad.write_bytes(bad.read_bytes()[:1000])
     assert_clean_failure(sipa("score", "--checkpoint", str(bad)), "trunc.pt", "cannot read")
     other = tmp_path / "wrn.pt"
-    torch.save(build_model("wrn28_10", depth=10, widen=1).state_dict(), other)
+    torch.save(create_model("wrn28_10", depth=10, widen=1).state_dict(), other)
     assert_clean_failure(sipa("score", "--arch", "sipa_baseline", "--checkpoint", str(other)),
                          "wrn.pt", "does not fit architecture sipa_baseline")
     assert_clean_failure(sipa("score", "--arch", "sipa_baseline", "--uniform-sparsity", "1.5"), "sparsity")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sipa_core.errors import SipaError
-from sipa_core.models import (build_model, decode_block, efficientnet_spec, get_spec, list_architectures,
+from sipa_core.models import (create_model, decode_block, efficientnet_spec, create_spec, list_architectures,
                               round_filters)
 from sipa_core.models.layers import same_padding
 
@@ -52,7 +52,7 @@ def test_same_padding_as_if_32_pixels():
 
 
 def test_sipa_baseline_matches_the_facts_table():
-    model = build_model("sipa_baseline").eval()
+    model = create_model("sipa_baseline").eval()
     assert model.input_size == 63
     stem_conv = model.stem[0]
     assert (stem_conv.in_channels, stem_conv.out_channels, stem_conv.stride) == (3, 24, (2, 2))
@@ -88,7 +88,7 @@ def test_sipa_baseline_matches_the_facts_table():
 
 
 def test_forward_in_pieces_equals_forward():
-    model = build_model("sipa_baseline_32", num_classes=10).eval()
+    model = create_model("sipa_baseline_32", num_classes=10).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         mid = model.forward_blocks(model.forward_stem(x), 0, 5)
@@ -98,17 +98,17 @@ def test_forward_in_pieces_equals_forward():
 
 def test_wrn28_10_and_registry():
     assert {"sipa_baseline", "sipa_baseline_32", "wrn28_10"} <= set(list_architectures())
-    model = build_model("wrn28_10")
+    model = create_model("wrn28_10")
     assert sum(p.numel() for p in model.parameters()) == 36_536_884
     with pytest.raises(SipaError, match="did you mean 'sipa_baseline'"):
-        get_spec("sipa_baselin")
+        create_spec("sipa_baselin")
 
 
 def test_impossible_shapes_are_clear_errors():
     with pytest.raises(SipaError, match="leaves no pixels"):
-        build_model(efficientnet_spec(["r1_k3_s2_e1_i8_o8"] * 3, resolution=0.1))  # a 4x4 input
+        create_model(efficientnet_spec(["r1_k3_s2_e1_i8_o8"] * 3, resolution=0.1))  # a 4x4 input
     with pytest.raises(SipaError, match="takes 16 channels"):
-        build_model(efficientnet_spec(["r1_k3_s1_e1_i8_o8", "r1_k3_s1_e1_i16_o8"]))
+        create_model(efficientnet_spec(["r1_k3_s1_e1_i8_o8", "r1_k3_s1_e1_i16_o8"]))
     with pytest.raises(SipaError, match="activation"):
         efficientnet_spec(["r1_k3_s1_e1_i8_o8"], activation="wiggle")
     with pytest.raises(SipaError, match="width"):

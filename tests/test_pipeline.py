@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -133,3 +134,62 @@ def test_bad_params_fail_the_stage_cleanly(project):
     assert p.returncode != 0
     assert "params.yaml: prepare.val_sise: unknown key (did you mean prepare.val_size?)" in p.stderr + p.stdout
     assert not (path / "data/prepared/dataset.pt").exists()
+
+
+def _tiny_pipeline(path, cifar10_jpeg):
+    set_params(path, source="imagefolder", root=str(cifar10_jpeg), val_size=50, images_per_class=20,
+               test_images_per_class=10)
+    set_params(path, "search", **TINY_SEARCH)
+    set_params(path, "improve", **TINY_IMPROVE)
+    set_params(path, "prune", **{**TINY_PRUNE, "schedule": [0.3, 0.5]})
+    set_params(path, "accelerate", **TINY_ACCELERATE)
+
+
+def _wait_for_queue(path, env, name, timeout=900) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], path, env).stdout
+        line = next((l for l in status.splitlines() if name in l), "")
+        if "Success" in line or "Failed" in line:
+            return line
+        time.sleep(3)
+    raise AssertionError(f"queued experiment {name} did not finish:\n{status}")
+
+
+def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, cifar10_jpeg):
+    """A change to a file the prune stage imports marks prune (and accelerate, which imports
+    it too) changed, not search or improve; a queued prune-only experiment runs prune,
+    accelerate and report only: search and improve come from the cache."""
+    path, env = project
+    _tiny_pipeline(path, cifar10_jpeg)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "init"], path, env)
+    run(["dvc", "repro"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "first run"], path, env)
+
+    masks = path / "sipa_core/prune/masks.py"
+    original = masks.read_text()
+    masks.write_text(original + "\n# touched\n")
+    changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
+    assert changed == {"prune", "accelerate"}, changed
+    masks.write_text(original)
+    (path / "sipa_core/io.py").write_text((path / "sipa_core/io.py").read_text() + "\n# touched\n")
+    changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
+    assert changed == {"prepare", "search", "improve", "prune", "accelerate", "report"}, changed
+    run(["git", "checkout", "--", "sipa_core/io.py"], path, env)
+    assert json.loads(run(["dvc", "status", "--json"], path, env).stdout) == {}
+
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "prune.schedule=[0.5]"], path, env)
+    found = re.search(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
+    assert found, queued.stdout + queued.stderr
+    name = found.group(1)
+    try:
+        run(["dvc", "queue", "start"], path, env)
+        assert "Success" in _wait_for_queue(path, env, name)
+        log = run(["dvc", "queue", "logs", name], path, env).stdout
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], path, env, check=False)
+    assert stages_run(log) == {"prune", "accelerate", "report"}, log
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], path, env).stdout)
+    assert name in json.dumps(shown)

@@ -15,7 +15,7 @@ from torch import nn
 import sipa_core.train as train_mod
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.checkpoint import load_model, save_model
-from sipa_core.pruning import (apply_masks, full_masks, layer_table, magnitude_masks, prunable, refresh_spec,
+from sipa_core.prune.masks import (apply_masks, full_masks, layer_table, magnitude_masks, prunable, refresh_spec,
                                remove_filters, sparsity)
 from sipa_core.prune import read_config, select_round
 from sipa_core.scoring import count
@@ -123,9 +123,9 @@ def test_filter_pruning_gives_a_smaller_dense_model_equal_to_the_masked_one(scop
     # The spec records the new channel counts, so a checkpoint rebuilds the smaller network.
     spec = refresh_spec(m)
     assert spec["channels"]
-    from sipa_core.models import build_model
+    from sipa_core.models import create_model
 
-    rebuilt = build_model(spec)
+    rebuilt = create_model(spec)
     rebuilt.load_state_dict(m.state_dict())
     rebuilt.eval()
     with torch.no_grad():

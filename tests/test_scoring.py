@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sipa_core.errors import SipaError
-from sipa_core.models import build_model
+from sipa_core.models import create_model
 from sipa_core.scoring import REFERENCE_OPS, count, expected_ops
 
 TOL = 1e-6
@@ -15,7 +15,7 @@ TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def baseline():
-    return build_model("sipa_baseline")
+    return create_model("sipa_baseline")
 
 
 def exit_module():
@@ -75,7 +75,7 @@ def test_early_exit_rows(baseline):
 
 
 def test_wrn28_10_is_the_reference():
-    s = count(build_model("wrn28_10"), (3, 32, 32), bits=32).summary()
+    s = count(create_model("wrn28_10"), (3, 32, 32), bits=32).summary()
     assert s["mults"] == 5_245_697_152 and s["adds"] == 5_244_286_848
     assert s["params"] == pytest.approx(36.53e6, rel=0.001)
     assert s["params_score"] == pytest.approx(1.0, rel=0.005)

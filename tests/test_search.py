@@ -13,7 +13,7 @@ import yaml
 from helpers import TINY_BLOCKS, save_prepared, tiny_data
 from sipa_core.search import (blocks_from, fitness, pareto_front, read_config, search, stride_options,
                               width_for)
-from sipa_core.stage import resolve_arch
+from sipa_core.stage_common import resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from sipa_core.errors import SipaError
 from sipa_core.train import (GhostBatchNorm2d, apply_ghost_bn, check_recipe, configure_model, default_recipe,
                              evaluate, fit, half_weights)
 from sipa_core.train.augment import PolicyAugment, cutmix, mixup, random_crop, random_flip, soft_targets
-from sipa_core.train.engine import lr_factor, param_groups
+from sipa_core.train.optim import lr_factor, param_groups
 
 
 def test_soft_targets_smoothing_and_mixing_sum_to_one():

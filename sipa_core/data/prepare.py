@@ -19,7 +19,9 @@ import torch
 from sipa_core.data.sources import SOURCES, plan_source
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint, publish_metrics, publishing
-from sipa_core.params import Field, check_section
+from sipa_core.paths import path_fields
+from sipa_core.params import Field, check_section, read_section
+from sipa_core.stage_runner import Stage
 
 FORMAT = "sipa-prepared"
 VERSION = 1
@@ -42,14 +44,13 @@ PREPARE_SCHEMA = {
     "root": Field(str, "data/raw", check=_non_empty,
                   help="cifar: folder holding the extracted archive; imagefolder: the folder itself"),
     "download": Field(bool, True, help="cifar: try to download when the files are absent"),
-    "val_size": Field(int, 5000, min=0, help="training images held out for validation, stratified; 0 = none"),
-    "images_per_class": Field(int, None, nullable=True, min=1, help="at most this many training images per class"),
-    "test_images_per_class": Field(int, None, nullable=True, min=1, help="at most this many test images per class"),
+    "val_size": Field(int, 500, min=0, help="training images held out for validation, stratified; 0 = none"),
+    "images_per_class": Field(int, 25, nullable=True, min=1, help="at most this many training images per class"),
+    "test_images_per_class": Field(int, 20, nullable=True, min=1, help="at most this many test images per class"),
     "classes": Field(list, None, nullable=True, check=_class_list, help="class names to keep; null = all"),
     "image_size": Field(int, None, nullable=True, min=8, help="resize every image to this square size"),
     "seed": Field(int, 0, min=0, max=2**63 - 1, help="seeds the subset choice and the validation split"),
-    "out": Field(str, "data/prepared/dataset.pt", check=_non_empty),
-    "metrics": Field(str, "metrics/prepare.json", check=_non_empty),
+    **path_fields('prepare'),
 }
 
 # The parameters that decide the content of the prepared file (stored in it).
@@ -127,7 +128,7 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     data["source"] = {key: cfg[key] for key in _DATA_KEYS}
     with publishing(cfg["metrics"]):
         atomic_torch_save(cfg["out"], data)
-    from sipa_core.stage import provenance
+    from sipa_core.runtime import provenance
 
     metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
     publish_metrics(cfg["metrics"], metrics)
@@ -246,3 +247,16 @@ def _check_prepared(data: PreparedData) -> str | None:
             return f"{split}_x images are {tuple(x.shape[2:])}, train_x images are {tuple(shape)}"
         shape = x.shape[2:]
     return None
+
+
+def read_config(params_path: str | os.PathLike) -> dict:
+    """The checked ``prepare`` section of a params file."""
+    return read_section(params_path, "prepare", PREPARE_SCHEMA)
+
+
+def summary(cfg: dict, m: dict) -> str:
+    return (f"prepare: {m['train_images']} train / {m['val_images']} val / {m['test_images']} test images, "
+            f"{m['num_classes']} classes, {m['image_height']}x{m['image_width']} -> {cfg['out']}")
+
+
+STAGE = Stage("prepare", __doc__, read_config, prepare, summary)

@@ -1,8 +1,8 @@
 """One registry of named architectures and one factory.
 
 A *spec* is a plain dict (YAML/JSON/checkpoint friendly) that fully
-describes a network; ``build_model`` turns any spec into a module, and
-``get_spec`` turns a registered name (plus overrides) into a spec.
+describes a network; ``create_model`` turns any spec into a module, and
+``create_spec`` turns a registered name (plus overrides) into a spec.
 """
 
 from __future__ import annotations
@@ -43,17 +43,17 @@ def list_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def get_spec(name: str, **overrides) -> dict:
+def create_spec(name: str, **overrides) -> dict:
     """The spec of a registered architecture, with keyword overrides applied."""
     if name not in ARCHITECTURES:
         near = difflib.get_close_matches(name, ARCHITECTURES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         raise SipaError(f"unknown architecture {name!r}{hint}; known: {', '.join(list_architectures())}")
     family, defaults = ARCHITECTURES[name]
-    return make_spec(family, name=name, **{**defaults, **overrides})
+    return create_family_spec(family, name=name, **{**defaults, **overrides})
 
 
-def make_spec(family: str, **kwargs) -> dict:
+def create_family_spec(family: str, **kwargs) -> dict:
     if family not in _FAMILIES:
         raise SipaError(f"unknown architecture family {family!r}; known: {', '.join(sorted(_FAMILIES))}")
     try:
@@ -62,14 +62,14 @@ def make_spec(family: str, **kwargs) -> dict:
         raise SipaError(f"architecture ({family}): {err}") from None
 
 
-def build_model(spec: dict | str, **overrides) -> nn.Module:
+def create_model(spec: dict | str, **overrides) -> nn.Module:
     """Build a network from a spec dict or a registered name."""
     if isinstance(spec, str):
-        spec = get_spec(spec, **overrides)
+        spec = create_spec(spec, **overrides)
     elif overrides:
         spec = {**spec, **overrides}
     if not isinstance(spec, dict) or "family" not in spec:
         raise SipaError("architecture: a spec must be a mapping with a 'family' key")
     fields = {k: v for k, v in spec.items() if k != "family"}
-    spec = make_spec(spec["family"], **fields)  # re-check hand-written or stored specs
+    spec = create_family_spec(spec["family"], **fields)  # re-check hand-written or stored specs
     return _FAMILIES[spec["family"]][0](spec)

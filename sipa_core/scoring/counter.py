@@ -366,6 +366,20 @@ def _default_boundaries(model: nn.Module) -> list[str]:
     return []
 
 
+def _checked_shape(input_shape, bits, uniform_sparsity) -> tuple[int, ...]:
+    """The (1, C, H, W) input shape, after checking the counting options."""
+    if not isinstance(bits, int) or not 1 <= bits <= 32:
+        raise SipaError(f"bits must be an integer from 1 to 32, got {bits!r}")
+    if uniform_sparsity is not None and not 0 <= uniform_sparsity < 1:
+        raise SipaError(f"uniform sparsity must be in [0, 1), got {uniform_sparsity}")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+        raise SipaError(f"input shape must be (C, H, W) or (1, C, H, W), got {tuple(input_shape)}")
+    return shape
+
+
 def count(model: nn.Module, input_shape=(3, 32, 32), bits: int = 16, uniform_sparsity: float | None = None,
           boundaries: list[str] | None = None) -> CountResult:
     """Count a module's MicroNet parameters and math ops for one example.
@@ -376,16 +390,7 @@ def count(model: nn.Module, input_shape=(3, 32, 32), bits: int = 16, uniform_spa
     authors' planning estimate). ``boundaries`` names the modules whose ends
     get a cumulative cost (default: the model's blocks).
     """
-    if not isinstance(bits, int) or not 1 <= bits <= 32:
-        raise SipaError(f"bits must be an integer from 1 to 32, got {bits!r}")
-    if uniform_sparsity is not None and not 0 <= uniform_sparsity < 1:
-        raise SipaError(f"uniform sparsity must be in [0, 1), got {uniform_sparsity}")
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) == 3:
-        shape = (1, *shape)
-    if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
-        raise SipaError(f"input shape must be (C, H, W) or (1, C, H, W), got {tuple(input_shape)}")
-
+    shape = _checked_shape(input_shape, bits, uniform_sparsity)
     boundaries = _default_boundaries(model) if boundaries is None else list(boundaries)
     modules = dict(model.named_modules())
     missing = [b for b in boundaries if b not in modules]

@@ -5,16 +5,14 @@ pruning fine-tunes, exit training).
 lives on the training device as uint8 tensors; batches are drawn, augmented,
 normalised and mixed there. At every epoch end the whole training state
 (model, optimizer, scheduler, scaler, epoch, RNG states, history) is saved
-atomically, so a killed run started again continues from its last epoch and
-ends with the same weights as an uninterrupted run (deterministic CPU mode).
+atomically (``train.state``), so a killed run started again continues from
+its last epoch and ends with the same weights as an uninterrupted run
+(deterministic CPU mode). The layout follows torchvision's classification
+reference: building the run, ``train_one_epoch``, and the loop in ``fit``.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,11 +28,11 @@ from sipa_core.data.prepare import PreparedData
 from sipa_core.distributed import all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
-from sipa_core.io import atomic_torch_save, load_checkpoint
-from sipa_core.train.augment import (PolicyAugment, cutmix, mixup, normalize, random_crop, random_flip,
-                                     soft_targets)
-
-STATE_FORMAT = "sipa-train-state"
+from sipa_core.runtime import resolve_device
+from sipa_core.train.augment import PolicyAugment, cutmix, mixup, normalize, random_crop, random_flip, soft_targets
+from sipa_core.train.evaluation import channel_stats_tensor, evaluate
+from sipa_core.train.optim import build_optimizer
+from sipa_core.train.state import fingerprint, restore_state, save_state
 
 
 class TrainingDiverged(SipaError):
@@ -57,20 +55,6 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":  # under torchrun, each process its own GPU
-        from sipa_core.distributed import local_rank
-
-        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SipaError(f"recipe.device: unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SipaError(f"recipe.device: {name} asked for, but no CUDA device is available")
-    return device
-
-
 def set_determinism(seed: int, deterministic: bool) -> None:
     """Seed torch's global RNG and pick deterministic kernels (or fast ones)."""
     if deterministic:
@@ -81,93 +65,135 @@ def set_determinism(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(model: nn.Module, params, weight_decay: float, no_bias_decay: bool, no_bn_decay: bool):
-    """Optimizer groups: decayed, and (optionally) biases / BatchNorm parameters without decay."""
-    wanted = {id(p) for p in params}
-    bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if id(p) not in wanted or not p.requires_grad:
-            continue
-        is_bn = id(p) in bn_params
-        if (no_bn_decay and is_bn) or (no_bias_decay and name.endswith("bias")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
-    return groups
+@dataclass
+class TrainingRun:
+    """What one call of ``fit`` trains with: model and its wrappers, data on the
+    device, optimizer, schedule, scaler and the data RNG."""
+
+    recipe: dict
+    model: nn.Module
+    step_fn: nn.Module  # the model as the step calls it (DDP / torch.compile wrapped)
+    device: torch.device
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    steps_per_epoch: int
+    local: slice  # this process's part of each global batch
+    rank: int
+    world: int
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+    policy: PolicyAugment | None
+    mean_t: torch.Tensor
+    std_t: torch.Tensor
+    num_classes: int
+    loss_fn: Callable
+    after_step: Callable | None
+    fingerprint: str = ""
+
+    @property
+    def amp_dtype(self):
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe["precision"])
 
 
-def lr_factor(step: int, recipe: dict, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at an optimizer step."""
-    main = recipe["epochs"] * steps_per_epoch
-    if step >= main:  # distribution stabilisation: a small constant rate
-        return recipe["stabilize_lr"] / recipe["lr"]
-    warm = recipe["warmup_epochs"] * steps_per_epoch
-    if step < warm:
-        return (step + 1) / warm
-    if recipe["schedule"] == "cosine":
-        t = (step - warm) / max(1, main - warm)
-        floor = recipe["lr_min"] / recipe["lr"]
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-    if recipe["schedule"] == "step":
-        return recipe["step_gamma"] ** ((step // steps_per_epoch) // recipe["step_every"])
-    return 1.0
-
-
-def _stats(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-
-def half_weights(model: nn.Module) -> nn.Module:
-    """A copy whose weights went through fp16 and back: the 16-bit freebie's accuracy."""
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for t in list(clone.parameters()) + list(clone.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.half().float())
-    return clone
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, mean, std, *, batch_size: int = 500, device=None,
-            fp16_weights: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Logits (float32, on the CPU) of a uint8 image tensor, in evaluation mode."""
-    device = device or next(model.parameters()).device
-    net = half_weights(model) if fp16_weights else model
-    was_training = net.training
-    net.eval()
-    mean_t, std_t = _stats(mean, device), _stats(std, device)
-    outs = []
-    for chunk in x.split(batch_size):
-        xb = normalize(chunk.to(device, non_blocking=True), mean_t, std_t, channels_last)
-        outs.append(net(xb).float().cpu())
-    net.train(was_training)
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(1) == y.cpu()).float().mean()) if len(y) else float("nan")
-
-
-def evaluate(model: nn.Module, data: PreparedData, split: str = "test", *, fp16_weights: bool = False,
-             batch_size: int = 500) -> float:
-    """Top-1 accuracy on a split (``fp16_weights``: of the 16-bit weights)."""
-    x, y = data.split(split)
+def _training_tensors(data: PreparedData, train_splits, device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.cat([data.split(s)[0] for s in train_splits]).to(device)
+    y = torch.cat([data.split(s)[1] for s in train_splits]).to(device)
     if len(y) == 0:
-        return float("nan")
-    return accuracy(predict(model, x, data.mean, data.std, batch_size=batch_size, fp16_weights=fp16_weights), y)
+        raise SipaError("training split is empty: nothing to train on")
+    return x, y
 
 
-def fingerprint(model: nn.Module, data: PreparedData, recipe: dict, tag: str = "") -> str:
-    """Identity of a training run: resuming is only allowed into the same run."""
-    blob = json.dumps({"recipe": recipe, "spec": getattr(model, "spec", None), "source": data.source,
-                       "n": int(data.train_y.numel()), "tag": tag,
-                       "shapes": [list(p.shape) for p in model.parameters()]}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_splits=("train",), params=None,
+              loss_fn: Callable | None = None, after_step=None, tag: str = "") -> TrainingRun:
+    """Device, determinism, data on the device, optimizer and wrappers, in that order."""
+    device = resolve_device(recipe["device"])
+    set_determinism(recipe["seed"], recipe["deterministic"])
+    if recipe["precision"] != "fp32" and not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise SipaError(f"recipe.precision: {recipe['precision']} autocast is not available on {device}")
+    model.to(device)
+    if recipe["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    x_train, y_train = _training_tensors(data, train_splits, device)
+    bs = recipe["batch_size"]
+    rank, world = rank_and_world()
+    if bs % world:
+        raise SipaError(f"recipe.batch_size: {bs} is not divisible by the {world} data-parallel processes")
+    steps_per_epoch = max(1, len(y_train) // bs)  # drop the last partial batch (BatchNorm needs >1 image)
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt, sched, scaler = build_optimizer(model, params, recipe, steps_per_epoch, device.type)
+    gen = torch.Generator().manual_seed(recipe["seed"])
+    policy = PolicyAugment(recipe["augment"], recipe["augment_group"]) if recipe["augment"] != "none" else None
+    step_fn = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_fn = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if recipe["compile"]:
+        step_fn = torch.compile(step_fn)
+    run = TrainingRun(recipe, model, step_fn, device, x_train, y_train, steps_per_epoch,
+                      slice(rank * bs // world, (rank + 1) * bs // world), rank, world, opt, sched, scaler, gen,
+                      policy, channel_stats_tensor(data.mean, device), channel_stats_tensor(data.std, device),
+                      data.num_classes, loss_fn or soft_cross_entropy, after_step)
+    run.fingerprint = fingerprint(model, data, recipe, tag)
+    return run
+
+
+def _batch(run: TrainingRun, idx: torch.Tensor, stabilizing: bool):
+    """One global batch: policy, crop, flip, normalise, soft targets, mixing; then this process's slice."""
+    recipe, gen = run.recipe, run.gen
+    xb, yb = run.x_train[idx], run.y_train[idx]
+    if run.policy is not None and not stabilizing:
+        xb = run.policy(xb)
+    xb = random_crop(xb, recipe["crop_padding"], gen)
+    if recipe["flip"]:
+        xb = random_flip(xb, gen)
+    xf = normalize(xb, run.mean_t, run.std_t, recipe["channels_last"])
+    targets = soft_targets(yb, run.num_classes, 0.0 if stabilizing else recipe["label_smoothing"])
+    if not stabilizing:
+        xf, targets = _mix(xf, targets, recipe, gen)
+    if run.world > 1:  # the same global batch on every process; each trains on its slice
+        xf, targets, yb = xf[run.local], targets[run.local], yb[run.local]
+    return xf, targets, yb
+
+
+def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, quiet: bool | None) -> dict:
+    """One pass over the training tensors; returns the epoch's row (lr, loss, images/s)."""
+    stabilizing = epoch >= run.recipe["epochs"]
+    bs, device = run.recipe["batch_size"], run.device
+    perm = torch.randperm(len(run.y_train), generator=run.gen).to(device)
+    loss_sum = torch.zeros((), device=device)
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    for step in tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
+                     disable=quiet):
+        xf, targets, yb = _batch(run, perm[step * bs:(step + 1) * bs], stabilizing)
+        with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            logits = run.step_fn(xf)
+        loss = run.loss_fn(logits.float(), targets, yb)
+        # First non-finite step, tracked on the device: no host sync per step on a GPU.
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        if device.type == "cpu" and bad_step >= 0:
+            _diverged(loss, epoch, bad_step, state_path)
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        lr_used = run.opt.param_groups[0]["lr"]
+        run.sched.step()
+        if run.after_step is not None:
+            run.after_step(run.model)
+        fault_point("step")
+        loss_sum += loss.detach()
+    if bad_step >= 0:  # one sync per epoch
+        _diverged(loss_sum, epoch, bad_step, state_path)
+    loss_sum = all_mean(loss_sum)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "lr": lr_used, "train_loss": float(loss_sum) / run.steps_per_epoch,
+            "images_per_sec": run.steps_per_epoch * bs / seconds if seconds > 0 else 0.0}
 
 
 class _Live:
@@ -210,149 +236,39 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     mode (default ``model.train()``; exit training keeps a frozen part in eval).
     """
     started = time.perf_counter()
-    device = resolve_device(recipe["device"])
-    set_determinism(recipe["seed"], recipe["deterministic"])
-    if recipe["precision"] != "fp32" and not torch.amp.autocast_mode.is_autocast_available(device.type):
-        raise SipaError(f"recipe.precision: {recipe['precision']} autocast is not available on {device}")
-    model.to(device)
-    if recipe["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    x_train = torch.cat([data.split(s)[0] for s in train_splits]).to(device)
-    y_train = torch.cat([data.split(s)[1] for s in train_splits]).to(device)
-    n, bs = len(y_train), recipe["batch_size"]
-    if n == 0:
-        raise SipaError("training split is empty: nothing to train on")
-    rank, world = rank_and_world()
-    if bs % world:
-        raise SipaError(f"recipe.batch_size: {bs} is not divisible by the {world} data-parallel processes")
-    local = slice(rank * bs // world, (rank + 1) * bs // world)  # this process's part of each global batch
-    steps_per_epoch = max(1, n // bs)  # drop the last partial batch (BatchNorm needs >1 image)
-    mean_t, std_t = _stats(data.mean, device), _stats(data.std, device)
-    num_classes = data.num_classes
-    loss_fn = loss_fn or soft_cross_entropy
-
-    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    groups = param_groups(model, params, recipe["weight_decay"], recipe["no_bias_decay"], recipe["no_bn_decay"])
-    opt = torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=recipe["nesterov"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=recipe["precision"] == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe["precision"])
-    gen = torch.Generator().manual_seed(recipe["seed"])
-    policy = PolicyAugment(recipe["augment"], recipe["augment_group"]) if recipe["augment"] != "none" else None
+    run = build_run(model, data, recipe, train_splits=train_splits, params=params, loss_fn=loss_fn,
+                    after_step=after_step, tag=tag)
     total_epochs = recipe["epochs"] + recipe["stabilize_epochs"]
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = net
-    if recipe["compile"]:
-        step_fn = torch.compile(net)
-
-    fp = fingerprint(model, data, recipe, tag)
-    start_epoch, history = 0, []
     state_path = Path(state_path) if state_path else None
-    if state_path is not None and state_path.exists():
-        state = load_checkpoint(state_path, "training state")
-        if isinstance(state, dict) and state.get("format") == STATE_FORMAT and state.get("fingerprint") == fp:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng_cpu"])
-            gen.set_state(state["rng_data"])
-            if device.type == "cuda" and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state_all(state["rng_cuda"])
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-    resumed_from = start_epoch
-    if start_epoch and rank == 0:
-        import sys
-
-        print(f"{desc}: resuming after epoch {start_epoch}/{total_epochs} from {state_path}", file=sys.stderr)
+    start_epoch, history = restore_state(state_path, run, desc, total_epochs)
     live = _Live(live_dir, history)
-
-    def save_state(epoch: int):
-        if state_path is None or rank != 0:
-            return
-        atomic_torch_save(state_path, {
-            "format": STATE_FORMAT, "fingerprint": fp, "epoch": epoch, "history": history,
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(), "rng_data": gen.get_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-        })
-
     quiet = None if progress is None else not progress  # None: tqdm shows bars only on a terminal
-    if rank != 0:
+    if run.rank != 0:
         quiet = True
-    epochs_bar = tqdm(range(start_epoch, total_epochs), desc=desc, unit="epoch", disable=quiet,
-                      initial=start_epoch, total=total_epochs, leave=False)
-    for epoch in epochs_bar:
-        stabilizing = epoch >= recipe["epochs"]
+    bar = tqdm(range(start_epoch, total_epochs), desc=desc, unit="epoch", disable=quiet, initial=start_epoch,
+               total=total_epochs, leave=False)
+    for epoch in bar:
         (train_mode or (lambda m: m.train()))(model)
-        perm = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        t0 = time.perf_counter()
-        for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
-                         disable=quiet):
-            idx = perm[step * bs:(step + 1) * bs]
-            xb, yb = x_train[idx], y_train[idx]
-            if policy is not None and not stabilizing:
-                xb = policy(xb)
-            xb = random_crop(xb, recipe["crop_padding"], gen)
-            if recipe["flip"]:
-                xb = random_flip(xb, gen)
-            xf = normalize(xb, mean_t, std_t, recipe["channels_last"])
-            targets = soft_targets(yb, num_classes, 0.0 if stabilizing else recipe["label_smoothing"])
-            if not stabilizing:
-                xf, targets = _mix(xf, targets, recipe, gen)
-            if world > 1:  # the same global batch on every process; each trains on its slice
-                xf, targets, yb = xf[local], targets[local], yb[local]
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = step_fn(xf)
-            loss = loss_fn(logits.float(), targets, yb)
-            # First non-finite step, tracked on the device: no host sync per step on a GPU.
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
-            if device.type == "cpu" and bad_step >= 0:
-                _diverged(loss, epoch, bad_step, state_path)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            lr_used = opt.param_groups[0]["lr"]
-            sched.step()
-            if after_step is not None:
-                after_step(model)
-            fault_point("step")
-            loss_sum += loss.detach()
-        if bad_step >= 0:  # one sync per epoch
-            _diverged(loss_sum, epoch, bad_step, state_path)
-        loss_sum = all_mean(loss_sum)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": lr_used,
-               "train_loss": float(loss_sum) / steps_per_epoch,
-               "images_per_sec": steps_per_epoch * bs / seconds if seconds > 0 else 0.0}
+        row = train_one_epoch(run, epoch, state_path=state_path, quiet=quiet)
         if val_split is not None and len(data.split(val_split)[1]):
             row["val_acc"] = evaluate(model, data, val_split, batch_size=recipe["eval_batch_size"])
         history.append(row)
-        save_state(epoch + 1)
+        save_state(state_path, run, epoch + 1, history)
         fault_point("epoch")
         live.log(row)
-        epochs_bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get('val_acc', float('nan')):.3f}")
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row.get('val_acc', float('nan')):.3f}")
     live.end()
     model.eval()
-    done = [r for r in history if r["epoch"] > resumed_from]
+    done = [r for r in history if r["epoch"] > start_epoch]
     ips = (sum(r["images_per_sec"] for r in done) / len(done)) if done else 0.0
     val = history[-1].get("val_acc") if history else None
-    return FitResult(history, val, total_epochs, resumed_from, time.perf_counter() - started, ips)
+    return FitResult(history, val, total_epochs, start_epoch, time.perf_counter() - started, ips)
 
 
 def _diverged(loss, epoch, step, state_path):
     where = f"the last good state is {state_path} (epoch {epoch})" if state_path else "no state was saved"
-    raise TrainingDiverged(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, step {int(step) + 1}; "
-                    f"{where}; lower the learning rate or check the data")
+    raise TrainingDiverged(f"training diverged: loss is {float(loss.detach())} at epoch {epoch + 1}, "
+                           f"step {int(step) + 1}; {where}; lower the learning rate or check the data")
 
 
 def _mix(x, targets, recipe, gen):

@@ -48,7 +48,7 @@ def exit_config(main: nn.Module, position: int, width: int | None = None, kernel
             "num_classes": int(main.spec["num_classes"])}
 
 
-def build_exit(cfg: dict) -> ExitModule:
+def create_exit(cfg: dict) -> ExitModule:
     return ExitModule(cfg["channels"], cfg["width"], cfg["num_classes"], cfg["activation"], cfg["kernel"])
 
 
@@ -60,7 +60,7 @@ class EarlyExitNetwork(nn.Module):
         self.main = main
         self.exit_cfg = dict(exit_cfg)
         self.position = exit_cfg["position"]
-        self.exit = exit_module if exit_module is not None else build_exit(exit_cfg)
+        self.exit = exit_module if exit_module is not None else create_exit(exit_cfg)
 
     def features(self, x):
         """The feature map at the exit point (stem and blocks 0..position)."""

@@ -1,21 +1,21 @@
 """What every model stage shares: resolving the architecture, loading the
-prepared data, and the metrics record (MicroNet keys + accuracy + provenance)."""
+prepared data and the previous stage's checkpoint, and the metrics record
+(MicroNet keys + accuracy + provenance)."""
 
 from __future__ import annotations
 
-import platform
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sipa_core.checkpoint import load_model, spec_from
+from sipa_core.checkpoint import load_model, create_spec_from
 from sipa_core.data.prepare import PreparedData, load_prepared
 from sipa_core.errors import SipaError
-from sipa_core.models import build_model
+from sipa_core.models import create_model
 from sipa_core.scoring import count
-from sipa_core.train.engine import evaluate, resolve_device
+from sipa_core.runtime import provenance
+from sipa_core.train.evaluation import evaluate
 
 
 def resolve_arch(value: str, data: PreparedData, where: str) -> tuple[dict, Path | None]:
@@ -25,15 +25,15 @@ def resolve_arch(value: str, data: PreparedData, where: str) -> tuple[dict, Path
     if h != w:
         raise SipaError(f"{where}: the data's images are {h}x{w}; the networks take square images")
     try:
-        return spec_from(value, num_classes=data.num_classes, image_size=h)
+        return create_spec_from(value, num_classes=data.num_classes, image_size=h)
     except SipaError as err:
         raise SipaError(f"{where}: {err}") from None
 
 
-def build_for(spec: dict, seed: int, init: Path | None = None) -> nn.Module:
+def create_seeded_model(spec: dict, seed: int, init: Path | None = None) -> nn.Module:
     """A model from ``spec`` with seeded initialisation, or the weights of ``init``."""
     torch.manual_seed(seed)
-    model = build_model(spec)
+    model = create_model(spec)
     if init is not None:
         loaded, _ = load_model(init, spec)
         model.load_state_dict(loaded.state_dict())
@@ -81,19 +81,3 @@ def stage_metrics(model: nn.Module, data: PreparedData, *, seed: int, device: st
     metrics.update(provenance(seed=seed, device=device, started=started))
     return metrics
 
-
-def provenance(*, seed: int, device: str, started: float) -> dict:
-    """What every metrics file records: seed, device, versions, wall time."""
-    return dict(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
-                python=platform.python_version(), wall_time_s=round(time.time() - started, 2))
-
-
-def file_digest(path: str | Path) -> str:
-    """A short content hash: keys kept state to the exact input checkpoint."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]

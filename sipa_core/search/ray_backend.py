@@ -11,13 +11,13 @@ Ray is an optional dependency: ``pip install 'sipa[ray]'``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 from sipa_core.errors import SipaError
+from sipa_core.resume import run_key
 
 
 def check_ray(where: str) -> None:
@@ -33,12 +33,13 @@ def _trial(config, cfg=None, step=None, fixed=None, data=None, state=None):
     """One trial on a Ray worker: the local backend's candidate evaluation."""
     import torch
 
-    from sipa_core.search import candidate, evaluate_candidate, jsonable
+    from sipa_core.search.space import candidate, jsonable
+    from sipa_core.search.trials import evaluate_candidate
 
     torch.set_num_threads(max(1, int(cfg["ray_cpus_per_trial"])))
     h, _ = data.image_size
     blocks, scaling, spec = candidate(step, config, cfg, fixed, data.num_classes, h)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    key = run_key(spec)
     run_dir = Path(state) / "trials" / f"{step}-ray-{key}"
     t0 = time.time()
     result = evaluate_candidate(spec, cfg, data, run_dir, progress=False)
@@ -46,13 +47,31 @@ def _trial(config, cfg=None, step=None, fixed=None, data=None, state=None):
             "scaling_json": json.dumps(scaling), "run_dir": str(run_dir), "seconds": round(time.time() - t0, 2)}
 
 
-def run_step_ray(step: str, cfg: dict, data, trial_data, fixed: dict, log=print) -> list[dict]:
+def warm_searcher(step: str, cfg: dict, records: list[dict]):
+    """Ray Tune's HyperOptSearch over the step's space, warm-started from the finished trials."""
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    from sipa_core.search.space import hyperopt_space, vals_from_point
+    from sipa_core.search.trials import hyperopt_trials
+
+    searcher = HyperOptSearch(hyperopt_space(step, cfg), metric="loss", mode="min",
+                              n_initial_points=cfg["startup_trials"], random_state_seed=cfg["seed"] + len(records))
+    if records:
+        # Warm start: the finished trials become hyperopt's history (HyperOptSearch has no
+        # add_evaluated_point), so TPE models them and nothing is evaluated twice.
+        history = hyperopt_trials([{**r, "vals": vals_from_point(step, cfg, r["point"])} for r in records])
+        history._ids.update(range(len(records)))  # new proposals get fresh trial ids
+        searcher._hpopt_trials = history
+    return searcher
+
+
+def run_step_ray(step: str, cfg: dict, trial_data, fixed: dict, log=print) -> list[dict]:
+    """Run (or finish) one search step on Ray Tune; returns its trial records (the local backend's format)."""
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.hyperopt import HyperOptSearch
-
-    from sipa_core.search import TrialStore, _trials_from, hyperopt_space, vals_from_point
+    from sipa_core.search.space import vals_from_point
+    from sipa_core.search.trials import TrialStore
 
     state = Path(cfg["state"]).resolve()  # trials run in their own working directories
     store = TrialStore(state / f"{step}.json")
@@ -61,14 +80,7 @@ def run_step_ray(step: str, cfg: dict, data, trial_data, fixed: dict, log=print)
     if remaining <= 0:
         return records
 
-    searcher = HyperOptSearch(hyperopt_space(step, cfg), metric="loss", mode="min",
-                              n_initial_points=cfg["startup_trials"], random_state_seed=cfg["seed"] + len(records))
-    if records:
-        # Warm start: the finished trials become hyperopt's history (HyperOptSearch has no
-        # add_evaluated_point), so TPE models them and nothing is evaluated twice.
-        history = _trials_from([{**r, "vals": vals_from_point(step, cfg, r["point"])} for r in records])
-        history._ids.update(range(len(records)))  # new proposals get fresh trial ids
-        searcher._hpopt_trials = history
+    searcher = warm_searcher(step, cfg, records)
 
     class Persist(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):

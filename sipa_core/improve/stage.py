@@ -1,0 +1,197 @@
+"""The Improving stage (SIPA section 2.2): greedy selection of training techniques.
+
+Candidates are tried in category order, from the least to the most
+sensitive (general training settings, structural, loss-related, others).
+Each is trained on top of what was adopted so far for a short trial budget,
+averaged over seeds, and adopted only when validation accuracy improves by
+more than a threshold. Then the adopted set trains for the full budget.
+Every trial is a resumable run under the stage's state folder whose result
+is kept, so a killed stage continues where it was and finished trials are
+never trained twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sipa_core.errors import SipaError
+from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_BASE, TECHNIQUES, Decision,
+                                          _technique_list, apply_techniques, greedy_select, ordered)
+from sipa_core.io import atomic_write_text, publish_metrics, publishing
+from sipa_core.paths import PATHS, path_fields
+from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.resume import keep, load_kept, run_key
+from sipa_core.stage_runner import Stage
+from sipa_core.train.recipe import check_recipe
+
+IMPROVE_SCHEMA = {
+    "arch": Field(str, PATHS["search"]["out_arch"],
+                  help="the search's result (default), a registered name, an architecture YAML, or a checkpoint"),
+    "init": Field(str, None, nullable=True, help="start from this checkpoint's weights (null: fresh init)"),
+    "greedy": Field(bool, True, help="false: train base + `adopt` directly"),
+    "preset": Field(str, None, nullable=True, choices=("paper",), help="paper: the paper's base and final recipe"),
+    "candidates": Field(list, ["larger_lr", "cosine", "swish", "label_smoothing"], check=_technique_list),
+    "adopt": Field(list, [], check=_technique_list, help="techniques applied without selection (greedy: false)"),
+    "order": Field(str, "category", choices=("category", "listed"),
+                   help="category: try candidates from least to most sensitive group; listed: as written"),
+    "base": Field(dict, {"epochs": 1, "batch_size": 64, "lr": 0.01, "schedule": "constant", "weight_decay": 0.0005,
+                         "activation": "relu", "seed": 0}, help="the base training recipe (see the recipe keys)"),
+    "options": Field(dict, {"larger_lr": 0.1},
+                     help="values the techniques set (larger_lr, ghost_batch, label_smoothing, ...)"),
+    "trial_epochs": Field(int, 2, min=1),
+    "trial_seeds": Field(int, 1, min=1),
+    "threshold": Field(float, 0.0, min=0, max=1, help="adopt when mean val accuracy gains more than this"),
+    "final_epochs": Field(int, 4, min=1),
+    "compare_base": Field(bool, True, help="also train the base recipe for the final budget, to report the gain"),
+    "bits": Field(int, 16, min=1, max=32, help="bit width the score and the reported accuracy use"),
+    **path_fields('improve', data=('prepare', 'out')),
+}
+
+
+def read_config(params_path: str | Path) -> dict:
+    """The checked ``improve`` section; recipes and options checked too, before any work."""
+    data = load_yaml(params_path)
+    cfg = check_section(data.get("improve"), IMPROVE_SCHEMA, file=params_path, section="improve")
+    base = dict(PAPER_BASE) if cfg["preset"] == "paper" else {}
+    base.update(cfg["base"])
+    cfg["base"] = check_recipe(base, file=params_path, section="improve.base")
+    cfg["options"] = check_section(cfg["options"], OPTIONS_SCHEMA, file=params_path, section="improve.options")
+    if cfg["preset"] == "paper" and not cfg["adopt"]:
+        cfg["adopt"] = list(PAPER_ADOPTED)
+    return cfg
+
+
+def write_table(path: str | Path, decisions: list[Decision], base_acc: float) -> None:
+    lines = ["technique,category,acc_without,acc_with,gain,adopted"]
+    lines.append(f"base,-,{base_acc:.4f},{base_acc:.4f},0.0000,base")
+    for d in decisions:
+        lines.append(f"{d.technique},{d.category},{d.acc_without:.4f},{d.acc_with:.4f},{d.gain:.4f},"
+                     f"{'yes' if d.adopted else 'no'}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+@dataclass
+class TrialRunner:
+    """Trains one recipe of the stage as a resumable run with a kept result
+    (``state/<kind>/<run key>/``): trials, the final training, the base comparison."""
+
+    cfg: dict
+    spec: dict
+    data: object
+    init: Path | None
+    params_file: str
+    progress: bool | None = None
+
+    def train(self, recipe: dict, *, epochs: int, seed: int, kind: str, train_splits=("train",), val_split="val",
+              live=None):
+        """(result dict, trained model or None when the result was kept or the run diverged)."""
+        from sipa_core.stage_common import create_seeded_model
+        from sipa_core.train import TrainingDiverged, configure_model, fit
+
+        recipe = check_recipe({**recipe, "epochs": epochs, "seed": seed}, file=self.params_file,
+                              section="improve.base")
+        model = configure_model(create_seeded_model(self.spec, seed, self.init), recipe)
+        key = run_key({"recipe": recipe, "spec": model.spec, "tag": f"{kind}:{','.join(train_splits)}:{self.init}"})
+        run_dir = Path(self.cfg["state"]) / kind / key
+        kept = load_kept(run_dir / "result.json", announce=f"improve {kind} {key}") if live is None else None
+        if kept is not None:
+            return kept, None
+        try:
+            res = fit(model, self.data, recipe, state_path=run_dir / "state.pt", live_dir=live,
+                      train_splits=train_splits, val_split=val_split, tag=kind, desc=f"{kind} {key}",
+                      progress=self.progress)
+        except TrainingDiverged:
+            return keep(run_dir / "result.json", {"val_acc": float("nan"), "diverged": True}), None
+        out = {"val_acc": res.val_acc if res.val_acc is not None else float("nan"),
+               "images_per_sec": res.images_per_sec, "seconds": res.seconds}
+        return keep(run_dir / "result.json", out), model
+
+    def trial(self, recipe: dict) -> float:
+        """Mean validation accuracy of a short run over ``trial_seeds`` seeds (NaN if any diverged)."""
+        base_seed = self.cfg["base"]["seed"]
+        accs = [self.train(recipe, epochs=self.cfg["trial_epochs"], seed=base_seed + k, kind="trial")[0]["val_acc"]
+                for k in range(self.cfg["trial_seeds"])]
+        return float("nan") if any(math.isnan(a) for a in accs) else sum(accs) / len(accs)
+
+
+def _check_inputs(cfg: dict, data, where: str):
+    """The architecture spec and the init checkpoint, checked before any trial."""
+    from sipa_core.stage_common import create_seeded_model, resolve_arch
+
+    spec, _ = resolve_arch(cfg["arch"], data, f"{where}.arch")  # architecture only; weights come from `init`
+    init = Path(cfg["init"]) if cfg["init"] else None
+    if init is not None and not init.is_file():
+        raise SipaError(f"{where}.init: checkpoint {init} not found")
+    if init is not None:  # a checkpoint that does not fit the architecture fails now, not after trials
+        try:
+            create_seeded_model(spec, 0, init)
+        except SipaError as err:
+            raise SipaError(f"{where}.init: {err}") from None
+    if cfg["greedy"] and len(data.val_y) == 0:
+        raise SipaError(f"{where}.greedy: selection needs validation data, but prepare.val_size is 0")
+    return spec, init
+
+
+def _select(cfg: dict, runner: TrialRunner):
+    """The adopted techniques (greedy or fixed), one decision per trial, the base trial accuracy."""
+    candidates = ordered(cfg["candidates"], cfg["order"])
+    if not cfg["greedy"]:
+        return ordered(cfg["adopt"], cfg["order"]), [], float("nan")
+    adopted, decisions, base_acc = greedy_select(candidates, cfg["base"], cfg["options"], cfg["threshold"],
+                                                 runner.trial)
+    return adopted + [n for n in candidates if TECHNIQUES[n].final_only], decisions, base_acc
+
+
+def _train_final(cfg: dict, runner: TrialRunner, adopted: list[str], data):
+    """The final training of the adopted recipe (and of the base recipe, for the comparison)."""
+    final_recipe = apply_techniques(cfg["base"], adopted, cfg["options"])
+    no_val = "no_validation" in adopted
+    splits, val_split = (("train", "val"), None) if no_val else (("train",), "val")
+    base = cfg["base"]
+    _, model = runner.train(final_recipe, epochs=cfg["final_epochs"], seed=base["seed"], kind="final",
+                            train_splits=splits, val_split=val_split, live=cfg["live"])
+    extra = {}
+    if cfg["compare_base"]:
+        from sipa_core.train import evaluate
+
+        _, base_model = runner.train(base, epochs=cfg["final_epochs"], seed=base["seed"], kind="base-final",
+                                     train_splits=splits, val_split=val_split,
+                                     live=cfg["live"] + "_base")
+        extra["base_accuracy"] = evaluate(base_model, data, "test", fp16_weights=cfg["bits"] == 16)
+    return final_recipe, model, extra
+
+
+def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
+    """Run the stage: selection (or a fixed recipe), final training, outputs. Returns the metrics."""
+    from sipa_core.checkpoint import save_model
+    from sipa_core.stage_common import load_data, stage_metrics
+
+    started = time.time()
+    where = f"{params_file}: improve"
+    data = load_data(cfg["data"], f"{where}.data")
+    spec, init = _check_inputs(cfg, data, where)
+    runner = TrialRunner(cfg, spec, data, init, params_file, progress)
+    adopted, decisions, base_acc = _select(cfg, runner)
+    final_recipe, model, extra = _train_final(cfg, runner, adopted, data)
+    model.cpu().eval()
+    with publishing(cfg["metrics"]):
+        write_table(cfg["table"], decisions, base_acc)
+        save_model(cfg["out"], model, recipe=final_recipe, adopted=adopted, stage="improve")
+    base = cfg["base"]
+    metrics = stage_metrics(model, data, seed=base["seed"], device=base["device"], started=started,
+                            bits=cfg["bits"], adopted=",".join(adopted) or "-", **extra)
+    if "base_accuracy" in extra:
+        metrics["gain_over_base"] = metrics["accuracy"] - extra["base_accuracy"]
+    publish_metrics(cfg["metrics"], metrics)
+    return metrics
+
+
+def summary(cfg: dict, m: dict) -> str:
+    base = f", base recipe {m['base_accuracy']:.4f}" if "base_accuracy" in m else ""
+    return f"improve: adopted {m['adopted']}; test accuracy {m['accuracy']:.4f}{base}; score {m['score']:.6f}"
+
+
+STAGE = Stage("improve", __doc__, read_config, improve, summary)

@@ -1,0 +1,34 @@
+"""Where a run executes and what it records about it: the training device,
+and the provenance every metrics file carries (seed, device, versions, wall
+time). A leaf module: it imports nothing else of the package but errors and
+the process-group helpers."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+from sipa_core.errors import SipaError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (under torchrun: each process its own GPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        from sipa_core.distributed import local_rank
+
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SipaError(f"recipe.device: unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SipaError(f"recipe.device: {name} asked for, but no CUDA device is available")
+    return device
+
+
+def provenance(*, seed: int, device: str, started: float) -> dict:
+    """What every metrics file records: seed, device, versions, wall time."""
+    return dict(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
+                python=platform.python_version(), wall_time_s=round(time.time() - started, 2))

@@ -1,0 +1,45 @@
+"""The shared entry point of the stage scripts in ``stages/``.
+
+Each stage script names its ``Stage`` (``sipa_core.<stage>.STAGE``: how to
+read its params section, what to run, the one-line summary) and calls
+``stage_main``. Bad input becomes one line on stderr and exit status 2
+(``exits_cleanly``). A script imports only its own stage's modules, so the
+deps DVC tracks for it are exactly the code it runs (``tests/test_dvc_deps.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+from sipa_core.errors import exits_cleanly
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage as its script and ``sipa check-params`` see it: how to
+    read and check its params section, what to run, and its one-line summary."""
+
+    name: str
+    doc: str
+    read_config: Callable[[str], dict]
+    run: Callable[..., dict]
+    summary: Callable[[dict, dict], str]
+
+
+def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
+    @exits_cleanly
+    def main() -> None:
+        parser = argparse.ArgumentParser(description=stage.doc.strip().splitlines()[0])
+        parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        args = parser.parse_args(argv)
+        cfg = stage.read_config(args.params)  # checked before joining a process group: bad input fails fast
+        from sipa_core.distributed import init_from_env, is_main_process
+
+        init_from_env()  # under torchrun: data-parallel training, rank 0 writes
+        metrics = stage.run(cfg, params_file=args.params)
+        if is_main_process():
+            print(stage.summary(cfg, metrics))
+
+    main()
