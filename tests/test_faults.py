@@ -38,7 +38,7 @@ def setup(work: Path) -> Path:
         "search": {"method": "hyperopt", "template": TINY_BLOCKS, "head": 32, "max_evals": 3, "startup_trials": 2,
                    "steps": ["blocks"],
                    "space": {"kernel": [3, 5], "expand": [2, 4], "repeats": [1, 2], "channels": [0.5, 1.0],
-                             "resolution": [1.0, 1.0], "depth": [1.0, 1.0]},
+                             "r": [1.0, 1.0], "width": [1.0, 1.0], "depth": [1.0, 1.0]},
                    "budget": 1.0, "target": 1.0, "recipe": {**recipe, "epochs": 2}, "data": "data.pt"},
         "improve": {"arch": "arch.yaml", "data": "data.pt", "candidates": ["larger_lr"], "trial_epochs": 2,
                     "final_epochs": 3, "compare_base": False, "options": {"larger_lr": 0.1},

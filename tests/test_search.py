@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import TINY_BLOCKS, save_prepared, tiny_data
-from sipa_core.search import (blocks_from, fitness, pareto_front, read_config, search, stride_options,
-                              width_for)
+from sipa_core.search import (blocks_from, candidate, fitness, pareto_front, read_config, resolution_factor, search,
+                              stride_options)
 from sipa_core.stage_common import resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def write_params(tmp_path, **search_cfg):
     save_prepared(tiny_data(n_train=96, n_val=32, n_test=32), tmp_path / "data.pt")
     cfg = {"method": "hyperopt", "template": TINY_BLOCKS, "head": 32, "max_evals": 3, "startup_trials": 2,
            "space": {"kernel": [3, 5], "expand": [2, 4], "repeats": [1, 2], "channels": [0.5, 1.0],
-                     "resolution": [1.0, 1.5], "depth": [1.0, 1.0]},
+                     "r": [1.0, 1.2], "width": [0.5, 0.6], "depth": [1.0, 1.0]},
            "budget": 1.0, "target": 1.0,
            "recipe": {"epochs": 2, "batch_size": 16, "lr": 0.05},
            "data": str(tmp_path / "data.pt"), "out_arch": str(tmp_path / "models/search/arch.yaml"),
@@ -60,7 +61,47 @@ def test_space_decoding_chains_channels_and_keeps_stride_count(tmp_path):
     point = {"se_ratio": 0.3, "strides": (1,), "k0": 5, "r0": 2, "c0": 1.0, "k1": 3, "e1": 4, "r1": 1, "c1": 0.5}
     blocks = blocks_from(point, cfg)
     assert blocks == ["r2_k5_s1_e1_i8_o8_se0.3", "r1_k3_s2_e4_i8_o8_se0.3"]
-    assert width_for(1.0, 1.0, 2.0) ** 2 == pytest.approx(2.0)
+
+
+def test_resolution_factor_is_r_to_the_phi_rounded():
+    assert resolution_factor(1.4, 2.0) == 1.96  # the paper's 63 px: ceil(32 * 1.96)
+    assert resolution_factor(1.0, 2.0) == 1.0 and resolution_factor(1.2, 2.0) == 1.44
+    assert resolution_factor(1.3, 3.0) == 2.2  # 2.197 rounded to 2 decimals
+
+
+def test_the_paper_network_is_a_point_of_the_default_space(tmp_path):
+    """sipa_baseline (its block strings; width 0.9, depth 1.0, r 1.4, phi 2) is a point of the
+    default space: step 1 decodes it to the baseline's blocks, step 2 to its scaling, and the
+    spec built from that point equals the registered one."""
+    from sipa_core.models import create_model, create_spec
+    from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
+
+    params = tmp_path / "params.yaml"
+    params.write_text("search: {}\n")
+    cfg = read_config(params)
+    sp = cfg["space"]
+    template = cfg["template_args"]
+    point = {"se_ratio": 0.2, "strides": [i for i, b in enumerate(template) if b.stride == 2]}
+    for i, b in enumerate(template):
+        point.update({f"k{i}": b.kernel, f"e{i}": b.expand, f"r{i}": b.repeats, f"c{i}": 1.0})
+    assert point["strides"] in [list(c) for c in stride_options(template)]
+    assert all(point[f"k{i}"] in sp["kernel"] and point[f"c{i}"] in sp["channels"] for i in range(len(template)))
+    assert all(point[f"e{i}"] in sp["expand"] for i in range(1, len(template)))
+    assert all(sp["repeats"][0] <= point[f"r{i}"] <= sp["repeats"][1] for i in range(len(template)))
+    assert sp["se_ratio"][0] <= 0.2 <= sp["se_ratio"][1]
+    blocks, _, _ = candidate("blocks", point, cfg, {}, 100, 32)
+    assert blocks == SIPA_BASELINE_BLOCKS
+    scaling_point = {"depth": 1.0, "width": 0.9, "r": 1.4}
+    assert all(sp[k][0] <= v <= sp[k][1] for k, v in scaling_point.items()) and sp["phi"] == 2.0
+    _, scaling, spec = candidate("scaling", scaling_point, cfg, {"blocks": blocks}, 100, 32)
+    assert scaling["resolution"] == 1.96
+    registered = create_spec("sipa_baseline", num_classes=100, image_size=32)
+    assert {k: v for k, v in spec.items() if k != "name"} == {k: v for k, v in registered.items() if k != "name"}
+    stem_input = []
+    model = create_model(spec).eval()
+    model.stem.register_forward_pre_hook(lambda m, inp: stem_input.append(inp[0].shape[-1]))
+    model(torch.zeros(1, 3, 32, 32))
+    assert stem_input == [63]
 
 
 def test_search_trains_writes_and_feeds_improve(tmp_path):
@@ -69,7 +110,7 @@ def test_search_trains_writes_and_feeds_improve(tmp_path):
     assert m["trials"] == 6 and m["fitness"] >= m["median_fitness"]
     rows = (tmp_path / "plots/trials.csv").read_text().splitlines()
     assert rows[0].startswith("trial,step,status,score,accuracy,fitness") and len(rows) == 7
-    assert any(r.split(",")[11] == "yes" for r in rows[1:])  # a Pareto front is marked
+    assert any(r.split(",")[12] == "yes" for r in rows[1:])  # a Pareto front is marked
     spec = yaml.safe_load((tmp_path / "models/search/arch.yaml").read_text())
     assert spec["family"] == "efficientnet" and spec["num_classes"] == 4
     from sipa_core.data import load_prepared
@@ -123,7 +164,7 @@ def test_killed_search_resumes_from_finished_trials(tmp_path):
 @pytest.mark.parametrize("patch, message", [
     ({"space": {"kernel": []}}, "search.space.kernel: must list at least one value"),
     ({"space": {"repeats": [3, 1]}}, "search.space.repeats: min 3 is above max 1"),
-    ({"space": {"resolution": [1.4]}}, "search.space.resolution: must be [min, max]"),
+    ({"space": {"r": [1.4]}}, "search.space.r: must be [min, max]"),
     ({"max_evals": 0}, "search.max_evals: must be >= 1, got 0"),
     ({"method": "bayes"}, "search.method: 'bayes' is not one of preset, hyperopt, random"),
     ({"template": ["r1_k3_s1_e1_i8"]}, "search.template: malformed block string"),

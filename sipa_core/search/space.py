@@ -1,7 +1,9 @@
 """The search space (SIPA section 2.1): block arguments per stage of a template
 network (kernel, expansion, repeats, channels, SE ratio, stride placement),
-then compound scaling (depth and resolution, the width following from
-depth * width^2 * resolution^2 = resource). Points of the hyperopt space
+then compound scaling as the authors parameterised it: depth, width, and a
+resolution coefficient r whose power r^phi (phi: the resource exponent,
+2 in the paper) is the input upsampling factor, rounded to 2 decimals; r 1.4
+gives 1.96 and 63 px from 32. Points of the hyperopt space
 decode to block strings and an architecture spec here, and nowhere else."""
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def _range(kind):
     return check
 
 
+SCALING_KEYS = ("depth", "width", "r")
+
 SPACE_SCHEMA = {
     "kernel": Field(list, [3, 5], check=_choices(int), help="kernel sizes to choose from, per stage"),
     "expand": Field(list, [4, 6], check=_choices(int), help="expansion ratios, per stage (the first stage keeps its own)"),
@@ -48,9 +52,12 @@ SPACE_SCHEMA = {
                       help="multipliers of the template's output channels, per stage"),
     "se_ratio": Field(list, [0.2, 0.4], check=_range((int, float))),
     "stride_placement": Field(bool, True, help="search which stages have stride 2 (their number stays)"),
-    "resolution": Field(list, [1.0, 1.2], check=_range((int, float))),
+    "r": Field(list, [1.0, 1.4], check=_range((int, float)),
+               help="[min, max] resolution coefficient; the input is upsampled by round(r^phi, 2)"),
+    "width": Field(list, [0.8, 1.0], check=_range((int, float)), help="[min, max] width multiplier"),
     "depth": Field(list, [1.0, 1.0], check=_range((int, float))),
-    "resource": Field(float, 2.0, min=0, min_exclusive=True, help="depth * width^2 * resolution^2"),
+    "phi": Field(float, 2.0, min=0, min_exclusive=True,
+                 help="resource exponent: the upsampling factor is round(r^phi, 2) (the authors' avail_resource)"),
 }
 
 
@@ -65,9 +72,8 @@ def hyperopt_space(step: str, cfg: dict):
 
     sp, template = cfg["space"], cfg["template_args"]
     if step == "scaling":
-        return {"depth": hp.uniform("depth", *sp["depth"]) if sp["depth"][0] < sp["depth"][1] else sp["depth"][0],
-                "resolution": hp.uniform("resolution", *sp["resolution"])
-                if sp["resolution"][0] < sp["resolution"][1] else sp["resolution"][0]}
+        return {key: hp.uniform(key, *sp[key]) if sp[key][0] < sp[key][1] else sp[key][0]
+                for key in SCALING_KEYS}
     space = {"se_ratio": hp.uniform("se_ratio", *sp["se_ratio"])}
     if sp["stride_placement"]:
         space["strides"] = hp.choice("strides", stride_options(template))
@@ -86,7 +92,7 @@ def vals_from_point(step: str, cfg: dict, point: dict) -> dict:
     sp, template = cfg["space"], cfg["template_args"]
     vals = {}
     if step == "scaling":
-        for key in ("depth", "resolution"):
+        for key in SCALING_KEYS:
             if sp[key][0] < sp[key][1]:
                 vals[key] = [float(point[key])]
         return vals
@@ -119,8 +125,14 @@ def blocks_from(point: dict, cfg: dict) -> list[str]:
     return out
 
 
-def width_for(depth: float, resolution: float, resource: float) -> float:
-    return math.sqrt(resource / (depth * resolution ** 2))
+def resolution_factor(r: float, phi: float) -> float:
+    """The input upsampling factor of resolution coefficient ``r``: round(r^phi, 2) (r 1.4, phi 2 -> 1.96)."""
+    return round(r ** phi, 2)
+
+
+def scaling_of(depth: float, width: float, r: float, phi: float) -> dict:
+    return {"depth": float(depth), "width": float(width), "r": float(r),
+            "resolution": resolution_factor(float(r), phi)}
 
 
 def create_candidate_spec(blocks: list[str], scaling: dict, cfg: dict, data_classes: int, image_size: int) -> dict:
@@ -135,8 +147,7 @@ def candidate(step: str, point: dict, cfg: dict, fixed: dict, num_classes: int, 
         blocks, scaling = blocks_from(point, cfg), dict(cfg["base_scaling"])
     else:
         blocks = fixed["blocks"]
-        scaling = {"depth": float(point["depth"]), "resolution": float(point["resolution"])}
-        scaling["width"] = width_for(scaling["depth"], scaling["resolution"], cfg["space"]["resource"])
+        scaling = scaling_of(point["depth"], point["width"], point["r"], cfg["space"]["phi"])
     return blocks, scaling, create_candidate_spec(blocks, scaling, cfg, num_classes, image_size)
 
 
@@ -157,11 +168,9 @@ def smallest_score(cfg: dict, num_classes: int, image_size: int) -> float:
                       f"c{i}": min(sp["channels"])})
     blocks = blocks_from(point, cfg) if "blocks" in cfg["steps"] else list(cfg["template"])
     best = math.inf
-    for depth in sp["depth"]:
-        for res in sp["resolution"]:
-            scaling = ({"depth": depth, "resolution": res, "width": width_for(depth, res, sp["resource"])}
-                       if "scaling" in cfg["steps"] else dict(cfg["base_scaling"]))
-            model = create_seeded_model(create_candidate_spec(blocks, scaling, cfg, num_classes, image_size), 0)
-            best = min(best, count(model, (3, image_size, image_size), bits=cfg["bits"])["score"])
+    for depth, width, r in itertools.product(sp["depth"], sp["width"], sp["r"]):
+        scaling = scaling_of(depth, width, r, sp["phi"]) if "scaling" in cfg["steps"] else dict(cfg["base_scaling"])
+        model = create_seeded_model(create_candidate_spec(blocks, scaling, cfg, num_classes, image_size), 0)
+        best = min(best, count(model, (3, image_size, image_size), bits=cfg["bits"])["score"])
     return best
 

@@ -167,11 +167,11 @@ def best_of(records: list[dict]) -> dict | None:
 
 def write_tables(cfg: dict, rows: list[dict]) -> None:
     front = pareto_front(rows)
-    head = "trial,step,status,score,accuracy,fitness,params,ops,width,depth,resolution,pareto,blocks"
+    head = "trial,step,status,score,accuracy,fitness,params,ops,width,depth,r,resolution,pareto,blocks"
     lines, pareto_lines = [head], ["score,accuracy,trial"]
     for r in rows:
         lines.append(f"{trial_id(r)},{r['step']},{r['status']},{r['score']:.6f},{r['accuracy']:.4f},"
-                     f"{r['fitness']:.4f},{r['params']:.0f},{r['ops']:.0f},{r['width']:.4f},{r['depth']:.4f},"
+                     f"{r['fitness']:.4f},{r['params']:.0f},{r['ops']:.0f},{r['width']:.4f},{r['depth']:.4f},{r.get('r', '')},"
                      f"{r['resolution']:.4f},{'yes' if trial_id(r) in front else 'no'},{' '.join(r['blocks'])}")
     for r in sorted((r for r in rows if trial_id(r) in front), key=lambda r: r["score"]):
         pareto_lines.append(f"{r['score']:.6f},{r['accuracy']:.4f},{trial_id(r)}")
