@@ -38,6 +38,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
     Technique("autoaugment", "others", lambda r, o: {"augment": "autoaugment"}, "AutoAugment (CIFAR policy)"),
     Technique("randaugment", "others", lambda r, o: {"augment": "randaugment"}, "RandAugment"),
     Technique("trivialaugment", "others", lambda r, o: {"augment": "trivialaugment"}, "TrivialAugment"),
+    Technique("sipa_policy", "others", lambda r, o: {"augment": "sipa_cifar100"},
+              "the authors' CIFAR-100 policy (25 sub-policies, one per image)"),
     Technique("stabilize", "others", lambda r, o: {"stabilize_epochs": o["stabilize_epochs"],
                                                    "stabilize_lr": o["stabilize_lr"]},
               "distribution stabilisation: final epochs at a small lr with crop/flip only"),
@@ -46,7 +48,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in [
 
 
 PAPER_ADOPTED = ["cosine", "larger_lr", "no_bias_decay", "ghost_bn", "swish", "label_smoothing", "mixup",
-                 "autoaugment", "no_validation"]
+                 "sipa_policy", "no_validation"]
 
 
 PAPER_BASE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-5, "batch_size": 128, "schedule": "constant",

@@ -51,8 +51,19 @@ class PolicyAugment:
         self.policy = _POLICIES[name]()
         self.group = group
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         return torch.cat([self.policy(chunk) for chunk in x.split(self.group)])
+
+
+def make_policy(name: str, group: int = 8):
+    """The recipe's ``augment`` as a callable ``policy(batch, generator)`` (None for ``none``)."""
+    if name == "none":
+        return None
+    if name == "sipa_cifar100":
+        from sipa_core.train.sipa_policy import SipaPolicy
+
+        return SipaPolicy()
+    return PolicyAugment(name, group)
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

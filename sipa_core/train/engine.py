@@ -29,7 +29,7 @@ from sipa_core.distributed import all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.runtime import resolve_device
-from sipa_core.train.augment import PolicyAugment, cutmix, mixup, normalize, random_crop, random_flip, soft_targets
+from sipa_core.train.augment import cutmix, make_policy, mixup, normalize, random_crop, random_flip, soft_targets
 from sipa_core.train.evaluation import channel_stats_tensor, evaluate
 from sipa_core.train.optim import build_optimizer
 from sipa_core.train.state import fingerprint, restore_state, save_state
@@ -84,7 +84,7 @@ class TrainingRun:
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     gen: torch.Generator
-    policy: PolicyAugment | None
+    policy: Callable | None  # policy(uint8 batch, generator)
     mean_t: torch.Tensor
     std_t: torch.Tensor
     num_classes: int
@@ -124,7 +124,7 @@ def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_split
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt, sched, scaler = build_optimizer(model, params, recipe, steps_per_epoch, device.type)
     gen = torch.Generator().manual_seed(recipe["seed"])
-    policy = PolicyAugment(recipe["augment"], recipe["augment_group"]) if recipe["augment"] != "none" else None
+    policy = make_policy(recipe["augment"], recipe["augment_group"])
     step_fn = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -145,7 +145,7 @@ def _batch(run: TrainingRun, idx: torch.Tensor, stabilizing: bool):
     recipe, gen = run.recipe, run.gen
     xb, yb = run.x_train[idx], run.y_train[idx]
     if run.policy is not None and not stabilizing:
-        xb = run.policy(xb)
+        xb = run.policy(xb, gen)
     xb = random_crop(xb, recipe["crop_padding"], gen)
     if recipe["flip"]:
         xb = random_flip(xb, gen)

@@ -11,7 +11,7 @@ from sipa_core.models.layers import ACTIVATIONS
 from sipa_core.params import Field, check_section
 
 SCHEDULES = ("cosine", "step", "constant")
-AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment")
+AUGMENTS = ("none", "autoaugment", "randaugment", "trivialaugment", "sipa_cifar100")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 RECIPE_SCHEMA = {
@@ -37,8 +37,9 @@ RECIPE_SCHEMA = {
                         help="swap every activation for this one; null = keep the architecture's"),
     "dropout": Field(float, None, nullable=True, min=0, max=1, max_exclusive=True),
     "drop_connect": Field(float, None, nullable=True, min=0, max=1, max_exclusive=True),
-    "augment": Field(str, "none", choices=AUGMENTS, help="torchvision policy before crop and flip"),
-    "augment_group": Field(int, 8, min=1, help="images that share one sampled policy op (batched)"),
+    "augment": Field(str, "none", choices=AUGMENTS,
+                     help="policy before crop and flip: a torchvision one, or sipa_cifar100 (the authors', per image)"),
+    "augment_group": Field(int, 8, min=1, help="torchvision policies: images that share one sampled op (batched)"),
     "crop_padding": Field(int, 4, min=0, help="random crop with this zero padding; 0 = off"),
     "flip": Field(bool, True, help="random horizontal flip"),
     "stabilize_epochs": Field(int, 0, min=0, help="final epochs at stabilize_lr with crop/flip only"),
