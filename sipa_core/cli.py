@@ -107,10 +107,16 @@ def _score_with_exit(args, model, record, size, name) -> int:
 
 
 def cmd_check_params(args) -> int:
-    from sipa_core.pipeline import check_params
+    from sipa_core.pipeline import check_params, inactive_keys, resolved_trainings
 
     sections = check_params(args.file)
     print(f"{args.file}: {', '.join(sections)} ok")
+    for line in inactive_keys(args.file):
+        print(f"inactive: {line}")
+    if args.resolved:
+        import yaml
+
+        print(yaml.safe_dump(resolved_trainings(args.file), sort_keys=False, width=110).rstrip())
     return 0
 
 
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
     c = sub.add_parser("check-params", help="check every stage's section of a params file")
     c.add_argument("file", nargs="?", default="params.yaml")
+    c.add_argument("--resolved", action="store_true",
+                   help="print every training's effective recipe (after presets, inheritance, overrides)")
     c.set_defaults(func=cmd_check_params)
     a = sub.add_parser("archs", help="list the registered architectures")
     a.set_defaults(func=cmd_archs)

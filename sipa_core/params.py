@@ -126,3 +126,16 @@ def read_section(path: str | Path, section: str, schema: Mapping[str, Field]) ->
     """Load ``path`` and return its checked ``section``."""
     data = load_yaml(path)
     return check_section(data.get(section), schema, file=path, section=section)
+
+
+def refuse_keys(values: Mapping, keys, *, file, section: str, why: str) -> None:
+    """Keys that would be silently ignored are an error naming the key and what to set instead."""
+    for key in keys:
+        if key in values:
+            raise SipaError(f"{file}: {section}.{key}: {why}")
+
+
+def raw_section(path: str | Path, section: str) -> dict:
+    """The section as written in the file (no defaults): what the user set."""
+    value = load_yaml(path).get(section)
+    return dict(value) if isinstance(value, Mapping) else {}

@@ -24,3 +24,52 @@ def check_params(path: str) -> list[str]:
     for stage in STAGES.values():
         stage.read_config(path)
     return list(STAGES)
+
+
+def inactive_keys(path: str) -> list[str]:
+    """Keys the file sets that its own settings leave unused (``sipa check-params`` shows them)."""
+    from sipa_core.params import raw_section
+
+    out = []
+    for name, stage in STAGES.items():
+        if stage.inactive is not None:
+            out += stage.inactive(stage.read_config(path), raw_section(path, name))
+    return out
+
+
+def resolved_trainings(path: str) -> dict[str, dict]:
+    """Every training the pipeline will run with this params file, and its effective recipe
+    (after presets, technique options, inheritance from the previous stage and overrides).
+    What depends on a result (a greedy selection) is said, not guessed."""
+    from sipa_core.accelerate.stage import exit_recipe
+    from sipa_core.improve.techniques import apply_techniques
+    from sipa_core.train.recipe import check_recipe
+
+    cfg = {name: stage.read_config(path) for name, stage in STAGES.items()}
+    search, improve, prune, accelerate = (cfg[k] for k in ("search", "improve", "prune", "accelerate"))
+    out = {f"search ({search['method']})": {"each training": search["recipe"]}}
+    imp = {}
+    if improve["greedy"]:
+        imp["trials"] = {"recipe": {**improve["base"], "epochs": improve["trial_epochs"]},
+                         "candidates, each on top of the adopted ones": improve["candidates"]}
+        imp["final"] = f"base + the adopted techniques, {improve['final_epochs']} epochs (chosen by the trials)"
+        final = None
+    else:
+        final = check_recipe({**apply_techniques(improve["base"], improve["adopt"], improve["options"]),
+                              "epochs": improve["final_epochs"]}, file=path, section="improve")
+        imp["final"] = {"techniques": improve["adopt"], "recipe": final,
+                        "splits": ["train", "val"] if "no_validation" in improve["adopt"] else ["train"]}
+    out["improve"] = imp
+    overrides = {**prune["recipe"], "epochs": prune["epochs"], "seed": prune["seed"]}
+    out["prune"] = {f"each of {len(prune['schedule'])} rounds {prune['schedule']}":
+                    check_recipe({**final, **overrides}, file=path, section="prune") if final
+                    else f"improve's final recipe + {overrides}"}
+    exit_ = exit_recipe(accelerate, {"recipe": final or {}}, path)
+    out["accelerate"] = {f"exit after block {p}": exit_ for p in accelerate["positions"]}
+    if accelerate["exit_schedule"]:
+        out["accelerate"]["exit pruning rounds"] = {"targets": accelerate["exit_schedule"],
+                                                    "epochs each": accelerate["exit_prune_epochs"]}
+    if accelerate["exit_stabilize_epochs"]:
+        out["accelerate"]["exit stabilisation"] = {"epochs": accelerate["exit_stabilize_epochs"],
+                                                   "lr": accelerate["exit_stabilize_lr"], "augment": "crop/flip"}
+    return out

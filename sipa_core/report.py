@@ -92,8 +92,9 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
         if missing:
             raise SipaError(f"{path}: metrics lack {', '.join(missing)}")
         stages[stage] = m
-        rows.append({"stage": STAGE_TITLES[stage], **{k: m[k] for k in ("accuracy", "params", "ops",
-                                                                         "params_score", "ops_score", "score")}})
+        title = STAGE_TITLES[stage] + (" (chosen on test)" if m.get("chosen_on_test") else "")
+        rows.append({"stage": title, **{k: m[k] for k in ("accuracy", "params", "ops", "params_score", "ops_score",
+                                                           "score")}})
     out_rows = rows + ([REFERENCE_ROW] + PAPER_ROWS if cfg["references"] else [])
     atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"]))
     from sipa_core.io import atomic_write_csv

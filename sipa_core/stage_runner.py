@@ -26,6 +26,7 @@ class Stage:
     read_config: Callable[[str], dict]
     run: Callable[..., dict]
     summary: Callable[[dict, dict], str]
+    inactive: Callable[[dict, dict], list[str]] | None = None  # (config, section as written) -> unused keys
 
 
 def stage_main(stage: Stage, argv: list[str] | None = None) -> None:

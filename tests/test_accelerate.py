@@ -225,8 +225,8 @@ def test_exit_pruning_reuses_the_pruning_code(tmp_path, main_ckpt):
     from sipa_core.prune.masks import prunable
 
     (tmp_path / "e").mkdir()
-    params = _stage_params(tmp_path / "e", main_ckpt, exit_sparsity=0.5, exit_prune_epochs=1, compare_loss=False,
-                           epochs=1, max_drop=1.0)
+    params = _stage_params(tmp_path / "e", main_ckpt, exit_schedule=[0.25, 0.5], exit_prune_epochs=1,
+                           exit_stabilize_epochs=1, compare_loss=False, epochs=1, max_drop=1.0)
     m = accelerate(read_config(params), params_file=str(params), progress=False)
     assert not m["passthrough"] and m["exit_sparsity"] == pytest.approx(0.5, abs=0.01)
     net, _ = load_early_exit(tmp_path / "e/models/acc.pt")
@@ -235,3 +235,8 @@ def test_exit_pruning_reuses_the_pruning_code(tmp_path, main_ckpt):
     assert zeros / total == pytest.approx(0.5, abs=0.01)
     dense = exit_cost(EarlyExitNetwork(net.main, net.exit_cfg), (3, 16, 16))
     assert m["exit_bytes"] < dense.exit_bytes  # the sparse exit is counted with its own sparsity
+    # Two pruning rounds and the stabilisation each really trained the exit (momentum buffers exist).
+    for name in ("prune_01.pt", "prune_02.pt", "stabilize.pt"):
+        (state_file,) = (tmp_path / "e").rglob(name)
+        state = torch.load(state_file, weights_only=True)
+        assert state["epoch"] == 1 and state["optimizer"]["state"], name

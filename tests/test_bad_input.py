@@ -29,9 +29,13 @@ class Payload:
 def project(tmp_path_factory):
     """Inputs every case starts from: data, an architecture, checkpoints good and bad."""
     d = tmp_path_factory.mktemp("bad")
-    save_prepared(tiny_data(), d / "data.pt")
+    from sipa_core.lineage import lineage_record
+
+    data = tiny_data()
+    save_prepared(data, d / "data.pt")
     tiny_arch_yaml(d / "arch.yaml")
-    save_model(d / "good.pt", tiny_model())
+    save_model(d / "good.pt", tiny_model(), lineage=lineage_record(data, ["train"]))
+    save_model(d / "trained_on_val.pt", tiny_model(), lineage=lineage_record(data, ["train", "val"]))
     (d / "truncated.pt").write_bytes((d / "good.pt").read_bytes()[:200])
     torch.save([1, 2, 3], d / "foreign.pt")
     torch.save({"format": "sipa-checkpoint", "model": {}, "x": Payload()}, d / "evil.pt", pickle_module=pickle)
@@ -72,6 +76,10 @@ CASES = [
     ("accelerate", {"accelerate": {"model": "evil.pt"}}, "pickled code or objects that are not plain tensors"),
     ("improve", {"improve": {"init": "other_arch.pt"}}, "does not fit architecture"),
     ("prune", {"prune": {"data": "nothing.pt"}}, "prune.data: prepared data nothing.pt not found"),
+    ("prune", {"prune": {"model": "trained_on_val.pt"}}, "prune.select_split: the val split chooses here"),
+    ("accelerate", {"accelerate": {"model": "trained_on_val.pt"}}, "accelerate.thresholds (calibrated on val)"),
+    ("prune", {"prune": {"recipe": {"epochs": 5}}}, "prune.recipe.epochs: set prune.epochs"),
+    ("prune", {"prune": {"preset": "paper", "schedule": [0.5]}}, "prune.schedule: prune.preset: paper sets"),
     ("prepare", {}, "prepare.root: empty_folder/train: no class subfolders, so no images"),
     ("prepare", {"prepare": {"root": "broken_folder"}}, "prepare.root: broken_folder/t"),  # + "cannot read image"
 

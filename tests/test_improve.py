@@ -69,7 +69,7 @@ def write_params(tmp_path, **improve_cfg):
            "options": {"larger_lr": 0.1}, "trial_epochs": 3, "final_epochs": 3,
            "out": str(tmp_path / "models/improve.pt"), "state": str(tmp_path / "state"),
            "metrics": str(tmp_path / "metrics/improve.json"), "table": str(tmp_path / "plots/t.csv"),
-           "live": str(tmp_path / "live/improve")}
+           "live": str(tmp_path / "live/improve"), "compare": str(tmp_path / "plots/compare.csv")}
     cfg.update(improve_cfg)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"improve": cfg}))
     return tmp_path / "params.yaml"
@@ -107,7 +107,8 @@ def test_stage_selects_trains_and_resumes(tmp_path, monkeypatch):
 @pytest.mark.parametrize("patch, message", [
     ({"candidates": ["mixp"]}, "improve.candidates: unknown technique 'mixp' (did you mean 'mixup'?)"),
     ({"trial_epochs": -2}, "improve.trial_epochs: must be >= 1, got -2"),
-    ({"base": {"epochs": -1}}, "improve.base.epochs: must be >= 0, got -1"),
+    ({"base": {"epochs": 3}}, "improve.base.epochs: set improve.trial_epochs / improve.final_epochs instead"),
+    ({"base": {"lr": -1}}, "improve.base.lr: must be > 0"),
     ({"base": {"lr": "high"}}, "improve.base.lr: must be a number"),
     ({"options": {"label_smoothing": 1.5}}, "improve.options.label_smoothing: must be < 1"),
     ({"greedy": "yes"}, "improve.greedy: must be true/false"),

@@ -193,3 +193,34 @@ def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, ci
     assert stages_run(log) == {"prune", "accelerate", "report"}, log
     shown = json.loads(run(["dvc", "exp", "show", "--json"], path, env).stdout)
     assert name in json.dumps(shown)
+
+
+# Every epoch count 1 and a few CIFAR-10 images per class: the profile's own settings otherwise.
+PROFILE_OVERRIDES = {
+    "paper": ["prepare.source=imagefolder", "prepare.val_size=40", "prepare.images_per_class=12",
+              "prepare.test_images_per_class=4", "search.recipe={epochs: 1, batch_size: 32, lr: 0.1}",
+              "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1", "accelerate.exit_prune_epochs=1",
+              "accelerate.exit_stabilize_epochs=1"],
+    "quick": ["prepare.source=imagefolder", "prepare.val_size=40", "prepare.images_per_class=12",
+              "prepare.test_images_per_class=4", "search.max_evals=2", "search.recipe.epochs=1",
+              "improve.trial_epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1"],
+}
+
+
+@pytest.mark.parametrize("profile", ["paper", "quick"])
+def test_each_profile_runs_to_the_end_under_dvc(project, cifar10_jpeg, profile):
+    """`dvc exp run` of the profile as a user would run it (tiny overrides only): every declared
+    output is written whatever the options, and the report's summary comes out."""
+    path, env = project
+    if profile == "paper":
+        shutil.copy(ROOT / "profiles" / "paper.yaml", path / "params.yaml")
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "init"], path, env)
+    sets = [a for s in PROFILE_OVERRIDES[profile] + [f"prepare.root={cifar10_jpeg}"] for a in ("-S", s)]
+    out = run(["dvc", "exp", "run", *sets], path, env)
+    assert stages_run(out.stdout) == {"prepare", "search", "improve", "prune", "accelerate", "report"}
+    summary = json.loads((path / "metrics/summary.json").read_text())
+    assert summary["final_stage"] == "accelerate" and summary["score"] > 0
+    if profile == "paper":
+        prune = json.loads((path / "metrics/prune.json").read_text())
+        assert prune["rounds"] == 11 and prune["select_split"] == "val"

@@ -17,7 +17,7 @@ from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.checkpoint import load_model, save_model
 from sipa_core.prune.masks import (apply_masks, full_masks, layer_table, magnitude_masks, prunable, refresh_spec,
                                remove_filters, sparsity)
-from sipa_core.prune import read_config, select_round
+from sipa_core.prune import prune, read_config, select_round
 from sipa_core.scoring import count
 from sipa_core.train import default_recipe, fit
 
@@ -188,12 +188,15 @@ def test_selection_rule():
     assert select_round(rows, 0.70, 0.9, None) is None
 
 
-def _stage_params(tmp_path, **prune_cfg):
-    data = tiny_data(n_train=96, n_val=32, n_test=32)
+def _stage_params(tmp_path, trained_on=("train",), n_val=32, **prune_cfg):
+    from sipa_core.lineage import lineage_record
+
+    data = tiny_data(n_train=96, n_val=n_val, n_test=32)
     save_prepared(data, tmp_path / "data.pt")
     model = tiny_model()
     fit(model, data, default_recipe(epochs=3, batch_size=16, lr=0.1), val_split=None, progress=False)
-    save_model(tmp_path / "improve.pt", model.cpu(), recipe=default_recipe(batch_size=16, lr=0.1))
+    save_model(tmp_path / "improve.pt", model.cpu(), recipe=default_recipe(batch_size=16, lr=0.1),
+               lineage=lineage_record(data, trained_on))
     cfg = {"model": str(tmp_path / "improve.pt"), "data": str(tmp_path / "data.pt"),
            "schedule": [0.3, 0.5, 0.7], "epochs": 1, "recipe": {"lr": 0.02}, "max_drop": None,
            "out": str(tmp_path / "models/prune.pt"), "state": str(tmp_path / "state"),
@@ -280,3 +283,25 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, run_script)
     assert code == 2
     assert message in err and str(tmp_path / "params.yaml") in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_choice_on_a_split_the_input_trained_on_is_refused(tmp_path, run_script):
+    """The input model trained on train + val (no_validation): choosing the round on val is
+    refused before any training, exit 2, one line naming the key, nothing written."""
+    params = _stage_params(tmp_path, trained_on=("train", "val"))
+    code, _, err = run_script(ROOT / "stages/prune.py", "--params", params, cwd=tmp_path)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1
+    assert "prune.select_split" in err and "trained on train+val" in err and str(params) in err
+    assert not (tmp_path / "state").exists() and not (tmp_path / "models").exists()
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()
+
+
+def test_no_silent_fallback_to_test(tmp_path, run_script):
+    """Without a validation split the stage stops; choosing on test must be asked for, and is marked."""
+    params = _stage_params(tmp_path, n_val=0)
+    code, _, err = run_script(ROOT / "stages/prune.py", "--params", params, cwd=tmp_path)
+    assert code == 2 and "prune.select_split" in err and "prepare.val_size: 0" in err, err
+    params = _stage_params(tmp_path, n_val=0, select_split="test", schedule=[0.3], epochs=0)
+    m = prune(read_config(params), params_file=str(params), progress=False)
+    assert m["select_split"] == "test" and m["chosen_on_test"] is True

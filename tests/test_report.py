@@ -57,3 +57,13 @@ def test_missing_or_broken_metrics_exit_2(tmp_path, run_script):
     code, _, err = run_script(ROOT / "stages/report.py", "--params", params)
     assert code == 2 and "report.stages: unknown stage 'serch'" in err
     assert not (tmp_path / "reports/table1.md").exists()
+
+
+def test_a_round_chosen_on_test_is_marked(tmp_path):
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005)
+    m = json.loads((tmp_path / "metrics/prune.json").read_text())
+    (tmp_path / "metrics/prune.json").write_text(json.dumps({**m, "chosen_on_test": True}))
+    params = _params(tmp_path)
+    report(read_config(params), params_file=str(params))
+    table = (tmp_path / "reports/table1.md").read_text()
+    assert "| Pruning (chosen on test) |" in table and "| Improving |" in table

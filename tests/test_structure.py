@@ -11,7 +11,7 @@ from sipa_core.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PATH_KEYS = {"out", "out_arch", "state", "metrics", "table", "pareto", "live", "rounds_table", "layers_table",
-             "risk_coverage", "summary", "table_csv", "metrics_dir", "data", "model", "arch"}
+             "risk_coverage", "summary", "table_csv", "metrics_dir", "data", "model", "arch", "compare"}
 
 
 def test_params_yaml_is_exactly_the_schema_defaults(tmp_path):

@@ -22,13 +22,21 @@ from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_csv, publish_metrics, publishing
 from sipa_core.paths import path_fields
-from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.resume import file_digest, keep, load_kept, run_key
 from sipa_core.stage_runner import Stage
 from sipa_core.train.evaluation import accuracy
 from sipa_core.train.recipe import check_recipe
 
 LOGITS_FORMAT = "sipa-exit-logits"
+
+# The exit's own recipe (the authors' code): softsmoothing on ONE-HOT targets, no mixup or CutMix,
+# SGD lr 0.13, weight decay 1e-5 without bias decay, cosine; whatever the main network trained with.
+EXIT_RECIPE = {"lr": 0.13, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-5, "no_bias_decay": True,
+               "batch_size": 128, "schedule": "cosine", "warmup_epochs": 0, "label_smoothing": 0.0,
+               "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ghost_batch": 0, "augment": "none"}
+# What the exit takes from the input checkpoint's recipe: how to run fast, not what to learn.
+SPEED_KEYS = ("precision", "channels_last", "compile", "device", "deterministic", "eval_batch_size")
 
 
 def _positions(value) -> str | None:
@@ -51,6 +59,14 @@ def _thresholds(value) -> str | None:
     return None
 
 
+def _exit_schedule(value) -> str | None:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in value):
+        return "every target must be a number in (0, 1)"
+    if any(b <= a for a, b in zip(value, value[1:])):
+        return "targets must increase (they are cumulative)"
+    return None
+
+
 ACCELERATE_SCHEMA = {
     "positions": Field(list, [2, 4], check=_positions, help="candidate blocks to attach the exit after"),
     "width": Field(int, None, nullable=True, min=1, help="exit's 1x1 expansion width (null: the head width)"),
@@ -58,8 +74,8 @@ ACCELERATE_SCHEMA = {
     "loss": Field(str, "softsmoothing", choices=LOSSES),
     "compare_loss": Field(bool, True, help="also train the other loss at the chosen position (risk-coverage)"),
     "epochs": Field(int, 3, min=1, help="exit training epochs (the paper: 800)"),
-    "recipe": Field(dict, {"lr": 0.05, "label_smoothing": 0.0, "mixup_alpha": 0.0},
-                    help="overrides of the input checkpoint's training recipe"),
+    "recipe": Field(dict, {"lr": 0.05, "batch_size": 64},
+                    help="overrides of the exit recipe (EXIT_RECIPE: one-hot softsmoothing, no mixup)"),
     "update_main_bn": Field(bool, False, help="let the frozen main network's BatchNorm statistics update"),
     "thresholds": Field(list, None, nullable=True, check=_thresholds,
                         help="candidate confidence thresholds (null: 0.05, 0.06, ..., 0.99)"),
@@ -69,9 +85,13 @@ ACCELERATE_SCHEMA = {
     "allow_no_exit": Field(bool, True, help="pass the main network through when no exit lowers its score"),
     "max_drop": Field(float, 0.04, nullable=True, min=0, max=1,
                       help="validation accuracy target: at most this below the main network's"),
-    "exit_sparsity": Field(float, 0.0, min=0, max=1, max_exclusive=True,
-                           help="prune the exit module's weights to this sparsity (pruning stage's code)"),
-    "exit_prune_epochs": Field(int, 1, min=0, help="exit fine-tune epochs after pruning it"),
+    "exit_schedule": Field(list, [], check=_exit_schedule,
+                           help="prune the exit module in rounds to these cumulative sparsities (the pruning "
+                                "stage's masks), retraining it after each; [] = keep it dense"),
+    "exit_prune_epochs": Field(int, 1, min=0, help="exit retraining epochs after each pruning round"),
+    "exit_stabilize_epochs": Field(int, 0, min=0,
+                                   help="final epochs of the exit at exit_stabilize_lr with crop/flip only"),
+    "exit_stabilize_lr": Field(float, 0.001, min=0, min_exclusive=True),
     "bits": Field(int, 16, min=1, max=32),
     "seed": Field(int, 0, min=0),
     **path_fields('accelerate', model=('prune', 'out'), data=('prepare', 'out')),
@@ -81,6 +101,8 @@ ACCELERATE_SCHEMA = {
 def read_config(params_path: str | Path) -> dict:
     data = load_yaml(params_path)
     cfg = check_section(data.get("accelerate"), ACCELERATE_SCHEMA, file=params_path, section="accelerate")
+    refuse_keys(cfg["recipe"], ("epochs", "seed"), file=params_path, section="accelerate.recipe",
+                why="set accelerate.epochs / accelerate.seed instead (the stage sets these itself)")
     check_recipe({**cfg["recipe"], "epochs": cfg["epochs"]}, file=params_path, section="accelerate.recipe")
     if cfg["kernel"] % 2 != 1:
         raise SipaError(f"{params_path}: accelerate.kernel: must be odd (same padding), got {cfg['kernel']}")
@@ -111,6 +133,7 @@ class ExitRun:
     main: torch.nn.Module
     recipe: dict
     key_base: dict
+    lineage: dict
     progress: bool | None = None
     main_logits: dict = field(default_factory=dict)
     exits: dict = field(default_factory=dict)  # position -> (net, saved logits, main logits, cost)
@@ -178,25 +201,41 @@ class ExitRun:
         return net, self._keep_exit(net, ecfg, run_dir)
 
     def _fit_exit(self, net, position: int, loss: str, run_dir: Path) -> None:
-        """Exit training on the frozen main network, then (optionally) exit pruning and its fine-tune."""
+        """Exit training on the frozen main network, then (optionally) gradual exit pruning and the
+        stabilisation of the exit path."""
         from sipa_core.accelerate.exits import LOSS_FUNCTIONS
-        from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks
+        from sipa_core.prune.masks import apply_masks
         from sipa_core.train import fit
 
         cfg = self.cfg
-        common = dict(params=net.exit.parameters(), loss_fn=LOSS_FUNCTIONS[loss], train_mode=self.train_mode,
-                      val_split="val", progress=self.progress)
+        common = dict(params=list(net.exit.parameters()), loss_fn=LOSS_FUNCTIONS[loss], train_mode=self.train_mode,
+                      val_split="val", progress=self.progress, train_splits=tuple(self.lineage["splits"]))
         fit(net, self.data, self.recipe, state_path=run_dir / "train.pt", tag=f"exit{position}-{loss}",
             desc=f"exit after block {position} ({loss})", **common)
-        if cfg["exit_sparsity"] > 0:
-            masks = magnitude_masks(net.exit, full_masks(net.exit), cfg["exit_sparsity"], scope="global",
-                                    normalize="l2")
+        masks = self._prune_exit(net, common, position, loss, run_dir)
+        if cfg["exit_stabilize_epochs"] > 0:  # the paper's stabilisation of the exit path
+            stable = {**self.recipe, "epochs": 0, "stabilize_epochs": cfg["exit_stabilize_epochs"],
+                      "stabilize_lr": cfg["exit_stabilize_lr"]}
+            fit(net, self.data, stable, state_path=run_dir / "stabilize.pt", tag=f"exit{position}-{loss}-stable",
+                desc=f"exit {position} stabilisation", after_step=(lambda m: apply_masks(m.exit, masks)) if masks
+                else None, **common)
+
+    def _prune_exit(self, net, common: dict, position: int, loss: str, run_dir: Path) -> dict:
+        """Gradual pruning of the exit module: one round per ``exit_schedule`` target, each retrained
+        (resumable per round); returns the final masks ({} when the exit stays dense)."""
+        from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks
+        from sipa_core.train import fit
+
+        cfg, masks = self.cfg, {}
+        for k, target in enumerate(cfg["exit_schedule"], start=1):
+            masks = magnitude_masks(net.exit, masks or full_masks(net.exit), target, scope="global", normalize="l2")
             apply_masks(net.exit, masks)
             if cfg["exit_prune_epochs"] > 0:
                 fit(net, self.data, {**self.recipe, "epochs": cfg["exit_prune_epochs"]},
-                    state_path=run_dir / "prune.pt", tag=f"exit{position}-{loss}-pruned",
-                    desc=f"exit {position} pruned fine-tune", after_step=lambda m: apply_masks(m.exit, masks),
-                    **common)
+                    state_path=run_dir / f"prune_{k:02d}.pt", tag=f"exit{position}-{loss}-pruned-{k}",
+                    desc=f"exit {position} pruning round {k}/{len(cfg['exit_schedule'])}",
+                    after_step=lambda m, masks=masks: apply_masks(m.exit, masks), **common)
+        return masks
 
     def _keep_exit(self, net, ecfg: dict, run_dir: Path) -> dict:
         from sipa_core.train import half_weights, predict
@@ -252,15 +291,27 @@ def _load_main(cfg: dict, params_file: str):
     return data, main, meta
 
 
+def exit_recipe(cfg: dict, meta: dict, params_file: str) -> dict:
+    """The exit's training recipe: ``EXIT_RECIPE`` (one-hot targets, no mixing), the input
+    checkpoint's speed settings only, then ``accelerate.recipe``."""
+    inherited = {k: v for k, v in (meta.get("recipe") or {}).items() if k in SPEED_KEYS}
+    return check_recipe({**EXIT_RECIPE, **inherited, **cfg["recipe"], "epochs": cfg["epochs"], "seed": cfg["seed"]},
+                        file=params_file, section="accelerate.recipe")
+
+
 def _start_run(cfg: dict, params_file: str, progress) -> tuple[ExitRun, dict]:
+    from sipa_core.lineage import input_lineage, refuse_trained_split
+
     data, main, meta = _load_main(cfg, params_file)
-    recipe = check_recipe({**(meta.get("recipe") or {}), "ghost_batch": 0, **cfg["recipe"],
-                           "epochs": cfg["epochs"], "seed": cfg["seed"]},
-                          file=params_file, section="accelerate.recipe")
+    lineage = input_lineage(meta, data, f"{params_file}: accelerate.model", cfg["model"])
+    refuse_trained_split("val", lineage, f"{params_file}: accelerate.thresholds (calibrated on val)", cfg["model"])
+    recipe = exit_recipe(cfg, meta, params_file)
     key_base = {"input": file_digest(cfg["model"]), "data": data.source, "recipe": recipe, "bits": cfg["bits"],
                 "width": cfg["width"], "kernel": cfg["kernel"], "update_main_bn": cfg["update_main_bn"],
-                "exit_sparsity": cfg["exit_sparsity"], "exit_prune_epochs": cfg["exit_prune_epochs"]}
-    run = ExitRun(cfg, data, main, recipe, key_base, progress)
+                "exit_schedule": cfg["exit_schedule"], "exit_prune_epochs": cfg["exit_prune_epochs"],
+                "exit_stabilize": [cfg["exit_stabilize_epochs"], cfg["exit_stabilize_lr"]]}
+    key_base["splits"] = lineage["splits"]
+    run = ExitRun(cfg, data, main, recipe, key_base, lineage, progress)
     run.load_main_logits()
     return run, meta
 
@@ -386,6 +437,7 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
     rows.sort(key=lambda r: (r["position"], r["threshold"]))
     with publishing(cfg["metrics"]):
         save_model(cfg["out"], final_model, masks=meta.get("masks"), recipe=run.recipe, stage="accelerate",
+                   lineage=run.lineage,
                    **({"exit": exit_record} if exit_record is not None else {}))
         atomic_write_csv(cfg["risk_coverage"], rc_rows, rc_columns)
         atomic_write_csv(cfg["table"], rows, EXIT_TABLE_COLUMNS)
@@ -417,6 +469,16 @@ def load_early_exit(path) -> tuple[torch.nn.Module, dict]:
     return from_record(main, record, path).eval(), record
 
 
+def inactive(cfg: dict, raw: dict) -> list[str]:
+    """Keys set in the file that these settings do not use."""
+    out = []
+    if not cfg["exit_schedule"] and "exit_prune_epochs" in raw:
+        out.append("accelerate.exit_prune_epochs: exit_schedule is empty (the exit stays dense)")
+    if not cfg["exit_stabilize_epochs"] and "exit_stabilize_lr" in raw:
+        out.append("accelerate.exit_stabilize_lr: exit_stabilize_epochs is 0")
+    return out
+
+
 def summary(cfg: dict, m: dict) -> str:
     if m["passthrough"]:
         return (f"accelerate: {m['passthrough_reason']}; the main network passes through "
@@ -426,4 +488,4 @@ def summary(cfg: dict, m: dict) -> str:
             f"ops -{m['ops_saving']:.1%}; score {m['score']:.6f} (without exit {m['score_without_exit']:.6f})")
 
 
-STAGE = Stage("accelerate", __doc__, read_config, accelerate, summary)
+STAGE = Stage("accelerate", __doc__, read_config, accelerate, summary, inactive)

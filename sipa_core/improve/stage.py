@@ -22,7 +22,7 @@ from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_B
                                           _technique_list, apply_techniques, greedy_select, ordered)
 from sipa_core.io import atomic_write_text, publish_metrics, publishing
 from sipa_core.paths import PATHS, path_fields
-from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.resume import keep, load_kept, run_key
 from sipa_core.stage_runner import Stage
 from sipa_core.train.recipe import check_recipe
@@ -37,7 +37,7 @@ IMPROVE_SCHEMA = {
     "adopt": Field(list, [], check=_technique_list, help="techniques applied without selection (greedy: false)"),
     "order": Field(str, "category", choices=("category", "listed"),
                    help="category: try candidates from least to most sensitive group; listed: as written"),
-    "base": Field(dict, {"epochs": 1, "batch_size": 64, "lr": 0.01, "schedule": "constant", "weight_decay": 0.0005,
+    "base": Field(dict, {"batch_size": 64, "lr": 0.01, "schedule": "constant", "weight_decay": 0.0005,
                          "activation": "relu", "seed": 0}, help="the base training recipe (see the recipe keys)"),
     "options": Field(dict, {"larger_lr": 0.1},
                      help="values the techniques set (larger_lr, ghost_batch, label_smoothing, ...)"),
@@ -55,6 +55,8 @@ def read_config(params_path: str | Path) -> dict:
     """The checked ``improve`` section; recipes and options checked too, before any work."""
     data = load_yaml(params_path)
     cfg = check_section(data.get("improve"), IMPROVE_SCHEMA, file=params_path, section="improve")
+    refuse_keys(cfg["base"], ("epochs",), file=params_path, section="improve.base",
+                why="set improve.trial_epochs / improve.final_epochs instead (each training sets its own)")
     base = dict(PAPER_BASE) if cfg["preset"] == "paper" else {}
     base.update(cfg["base"])
     cfg["base"] = check_recipe(base, file=params_path, section="improve.base")
@@ -62,6 +64,17 @@ def read_config(params_path: str | Path) -> dict:
     if cfg["preset"] == "paper" and not cfg["adopt"]:
         cfg["adopt"] = list(PAPER_ADOPTED)
     return cfg
+
+
+def write_compare(path: str | Path, curves: dict[str, list[dict]]) -> None:
+    """Per epoch: the final recipe's and (with compare_base) the base recipe's validation accuracy
+    and training loss; written whatever the options, base columns empty when not trained."""
+    from sipa_core.io import atomic_write_csv
+
+    epochs = max((len(h) for h in curves.values()), default=0)
+    rows = [{"epoch": e + 1, **{f"{name}_{key}": h[e].get(key) for name, h in curves.items() if e < len(h)
+                                for key in ("val_acc", "train_loss")}} for e in range(epochs)]
+    atomic_write_csv(path, rows, ["epoch", "final_val_acc", "base_val_acc", "final_train_loss", "base_train_loss"])
 
 
 def write_table(path: str | Path, decisions: list[Decision], base_acc: float) -> None:
@@ -86,8 +99,9 @@ class TrialRunner:
     progress: bool | None = None
 
     def train(self, recipe: dict, *, epochs: int, seed: int, kind: str, train_splits=("train",), val_split="val",
-              live=None):
-        """(result dict, trained model or None when the result was kept or the run diverged)."""
+              live=None, need_model: bool = False):
+        """(result dict, trained model or None when the result was kept or the run diverged).
+        ``need_model``: skip the kept result and resume the run (a finished one trains nothing)."""
         from sipa_core.stage_common import create_seeded_model
         from sipa_core.train import TrainingDiverged, configure_model, fit
 
@@ -96,7 +110,7 @@ class TrialRunner:
         model = configure_model(create_seeded_model(self.spec, seed, self.init), recipe)
         key = run_key({"recipe": recipe, "spec": model.spec, "tag": f"{kind}:{','.join(train_splits)}:{self.init}"})
         run_dir = Path(self.cfg["state"]) / kind / key
-        kept = load_kept(run_dir / "result.json", announce=f"improve {kind} {key}") if live is None else None
+        kept = None if need_model else load_kept(run_dir / "result.json", announce=f"improve {kind} {key}")
         if kept is not None:
             return kept, None
         try:
@@ -106,7 +120,7 @@ class TrialRunner:
         except TrainingDiverged:
             return keep(run_dir / "result.json", {"val_acc": float("nan"), "diverged": True}), None
         out = {"val_acc": res.val_acc if res.val_acc is not None else float("nan"),
-               "images_per_sec": res.images_per_sec, "seconds": res.seconds}
+               "images_per_sec": res.images_per_sec, "seconds": res.seconds, "history": res.history}
         return keep(run_dir / "result.json", out), model
 
     def trial(self, recipe: dict) -> float:
@@ -151,22 +165,23 @@ def _train_final(cfg: dict, runner: TrialRunner, adopted: list[str], data):
     no_val = "no_validation" in adopted
     splits, val_split = (("train", "val"), None) if no_val else (("train",), "val")
     base = cfg["base"]
-    _, model = runner.train(final_recipe, epochs=cfg["final_epochs"], seed=base["seed"], kind="final",
-                            train_splits=splits, val_split=val_split, live=cfg["live"])
-    extra = {}
+    result, model = runner.train(final_recipe, epochs=cfg["final_epochs"], seed=base["seed"], kind="final",
+                                 train_splits=splits, val_split=val_split, live=cfg["live"], need_model=True)
+    extra, curves = {}, {"final": result["history"]}
     if cfg["compare_base"]:
         from sipa_core.train import evaluate
 
-        _, base_model = runner.train(base, epochs=cfg["final_epochs"], seed=base["seed"], kind="base-final",
-                                     train_splits=splits, val_split=val_split,
-                                     live=cfg["live"] + "_base")
+        result, base_model = runner.train(base, epochs=cfg["final_epochs"], seed=base["seed"], kind="base-final",
+                                          train_splits=splits, val_split=val_split, need_model=True)
         extra["base_accuracy"] = evaluate(base_model, data, "test", fp16_weights=cfg["bits"] == 16)
-    return final_recipe, model, extra
+        curves["base"] = result["history"]
+    return final_recipe, model, extra, splits, curves
 
 
 def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage: selection (or a fixed recipe), final training, outputs. Returns the metrics."""
     from sipa_core.checkpoint import save_model
+    from sipa_core.lineage import lineage_record
     from sipa_core.stage_common import load_data, stage_metrics
 
     started = time.time()
@@ -175,11 +190,13 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
     spec, init = _check_inputs(cfg, data, where)
     runner = TrialRunner(cfg, spec, data, init, params_file, progress)
     adopted, decisions, base_acc = _select(cfg, runner)
-    final_recipe, model, extra = _train_final(cfg, runner, adopted, data)
+    final_recipe, model, extra, splits, curves = _train_final(cfg, runner, adopted, data)
     model.cpu().eval()
     with publishing(cfg["metrics"]):
         write_table(cfg["table"], decisions, base_acc)
-        save_model(cfg["out"], model, recipe=final_recipe, adopted=adopted, stage="improve")
+        write_compare(cfg["compare"], curves)
+        save_model(cfg["out"], model, recipe=final_recipe, adopted=adopted, stage="improve",
+                   lineage=lineage_record(data, splits))
     base = cfg["base"]
     metrics = stage_metrics(model, data, seed=base["seed"], device=base["device"], started=started,
                             bits=cfg["bits"], adopted=",".join(adopted) or "-", **extra)
@@ -189,9 +206,18 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
     return metrics
 
 
+def inactive(cfg: dict, raw: dict) -> list[str]:
+    """Keys set in the file that this mode does not use."""
+    if cfg["greedy"]:
+        unused = ["adopt"] if raw.get("adopt") else []
+        return [f"improve.{k}: greedy selection chooses the techniques (adopt is for greedy: false)" for k in unused]
+    keys = [k for k in ("candidates", "order", "trial_epochs", "trial_seeds", "threshold") if k in raw]
+    return [f"improve.{k}: greedy: false trains `adopt` without trials" for k in keys]
+
+
 def summary(cfg: dict, m: dict) -> str:
     base = f", base recipe {m['base_accuracy']:.4f}" if "base_accuracy" in m else ""
     return f"improve: adopted {m['adopted']}; test accuracy {m['accuracy']:.4f}{base}; score {m['score']:.6f}"
 
 
-STAGE = Stage("improve", __doc__, read_config, improve, summary)
+STAGE = Stage("improve", __doc__, read_config, improve, summary, inactive)

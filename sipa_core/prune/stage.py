@@ -22,7 +22,7 @@ from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_csv, publish_metrics, publishing
 from sipa_core.paths import path_fields
-from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.params import Field, check_section, load_yaml, raw_section, refuse_keys
 from sipa_core.prune.masks import GRANULARITIES, NORMALIZATIONS, SCOPES
 from sipa_core.resume import file_digest, keep, load_kept, run_key
 from sipa_core.stage_runner import Stage
@@ -61,7 +61,8 @@ PRUNE_SCHEMA = {
     "min_accuracy": Field(float, None, nullable=True, min=0, max=1, help="keep rounds at or above this accuracy"),
     "max_drop": Field(float, 0.05, nullable=True, min=0, max=1, help="keep rounds within this of the input's accuracy"),
     "select_split": Field(str, "val", choices=("val", "test"),
-                          help="split the selection reads (val; test only where there is no validation split)"),
+                          help="split the round is chosen on: val; test only on request (the authors' "
+                               "procedure, marked as chosen on test)"),
     "bits": Field(int, 16, min=1, max=32),
     "seed": Field(int, 0, min=0),
     **path_fields('prune', model=('improve', 'out'), data=('prepare', 'out')),
@@ -72,9 +73,13 @@ def read_config(params_path: str | Path) -> dict:
     data = load_yaml(params_path)
     cfg = check_section(data.get("prune"), PRUNE_SCHEMA, file=params_path, section="prune")
     if cfg["preset"] == "paper":
+        refuse_keys(raw_section(params_path, "prune"), ("schedule",), file=params_path, section="prune",
+                    why="prune.preset: paper sets the schedule; remove one of the two")
         cfg["schedule"] = list(PAPER_SCHEDULE)
     cfg["schedule"] = [float(v) for v in cfg["schedule"]]
     # Checked now, completed with the input checkpoint's recipe when the stage runs.
+    refuse_keys(cfg["recipe"], ("epochs", "seed"), file=params_path, section="prune.recipe",
+                why="set prune.epochs / prune.seed instead (the stage sets these itself)")
     check_recipe({**cfg["recipe"], "epochs": cfg["epochs"]}, file=params_path, section="prune.recipe")
     return cfg
 
@@ -107,6 +112,7 @@ class PruneRun:
     split: str
     recipe: dict
     run_dir: Path
+    lineage: dict = field(default_factory=dict)  # the input model's: its training splits are retrained on
     ref_test: float = 0.0
     ref_params: float = 0.0
     rows: list = field(default_factory=list)
@@ -137,6 +143,7 @@ class PruneRun:
 
 def _prepare_run(cfg: dict, params_file: str, progress):
     """Data, input model and recipe, checked; the run folder keyed by everything that decides the rounds."""
+    from sipa_core.lineage import input_lineage, refuse_trained_split
     from sipa_core.stage_common import load_data, load_input_model
 
     where = f"{params_file}: prune"
@@ -147,12 +154,17 @@ def _prepare_run(cfg: dict, params_file: str, progress):
         raise SipaError(f"{where}.granularity: filter pruning needs an EfficientNet-family network")
     split = cfg["select_split"]
     if split == "val" and len(data.val_y) == 0:
-        split = "test"  # no validation split (prepare.val_size: 0): the authors' procedure, recorded in metrics
+        raise SipaError(f"{where}.select_split: the round is chosen on the validation split, but it is empty "
+                        f"(prepare.val_size: 0); prepare one, or set prune.select_split: test to choose on "
+                        f"test as the authors did (marked as chosen on test in the metrics and Table 1)")
+    lineage = input_lineage(meta, data, f"{where}.model", source)
+    refuse_trained_split(split, lineage, f"{params_file}: prune.select_split", source)
     recipe = check_recipe({**(meta.get("recipe") or {}), **cfg["recipe"], "epochs": cfg["epochs"],
                            "seed": cfg["seed"]}, file=params_file, section="prune.recipe")
     key_blob = {k: cfg[k] for k in ("granularity", "scope", "normalize", "schedule", "retrain", "seed")}
-    key = run_key({**key_blob, "recipe": recipe, "input": file_digest(source), "data": data.source})
-    return PruneRun(cfg, data, split, recipe, Path(cfg["state"]) / key), model
+    key = run_key({**key_blob, "recipe": recipe, "input": file_digest(source), "data": data.source,
+                   "splits": lineage["splits"]})
+    return PruneRun(cfg, data, split, recipe, Path(cfg["state"]) / key, lineage), model
 
 
 def _prune_step(run: PruneRun, model, masks: dict, k: int, target: float):
@@ -188,6 +200,7 @@ def _retrain(run: PruneRun, model, masks: dict, k: int, progress):
         trainee = configure_model(create_model(model.spec), run.recipe)  # ghost BN etc. for training only
         trainee.load_state_dict(model.state_dict())
         fit(trainee, run.data, run.recipe, state_path=run.round_dir(k) / "train.pt", val_split=None,
+            train_splits=tuple(run.lineage["splits"]),
             after_step=(lambda m: apply_masks(m, masks)) if masks else None,
             tag=f"prune-round-{k}", desc=f"prune round {k}/{len(cfg['schedule'])}", progress=progress)
         model = create_model(trainee.spec)
@@ -249,12 +262,13 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
         atomic_write_csv(cfg["rounds_table"], rows, ROUND_COLUMNS)
         atomic_write_csv(cfg["layers_table"], layer_table(final), ["layer", "shape", "numel", "nonzero", "sparsity"])
         save_model(cfg["out"], final, masks=final_masks or None, recipe=run.recipe, stage="prune",
-                   pruned_round=chosen_round)
+                   pruned_round=chosen_round, lineage=run.lineage)
     metrics = stage_metrics(final, run.data, seed=cfg["seed"], device=run.recipe["device"], started=started,
                             bits=cfg["bits"], chosen_round=chosen_round, passthrough=chosen is None,
                             rounds=len(cfg["schedule"]), sparsity=rows[chosen_round]["sparsity"],
                             target=rows[chosen_round]["target"], input_accuracy=run.ref_test,
-                            select_split=run.split, granularity=cfg["granularity"], scope=cfg["scope"],
+                            select_split=run.split, chosen_on_test=run.split == "test",
+                            granularity=cfg["granularity"], scope=cfg["scope"],
                             normalize=cfg["normalize"], retrain=cfg["retrain"])
     metrics["accuracy_change"] = metrics["accuracy"] - run.ref_test
     metrics["input_score"] = input_row["score"]

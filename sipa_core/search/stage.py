@@ -3,8 +3,8 @@ then of compound scaling coefficients.
 
 Step 1 searches, per stage of a template network, the kernel, expansion
 ratio, repeats and output channels, plus the SE ratio and where the stride-2
-stages sit; step 2 searches depth and resolution with the width following
-from the resource constraint depth * width^2 * resolution^2 = resource.
+stages sit; step 2 searches depth, width and the resolution coefficient r
+(the input is upsampled by round(r^phi, 2), the authors' parameterisation).
 Each candidate is counted first: over the hard budget it is rejected from its
 count alone, before any training; the others train for a short budget on a
 subset and get the fitness R = A - [alpha * I(score - target)]^w (SIPA's
@@ -146,6 +146,7 @@ def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=pr
     import yaml
 
     from sipa_core.checkpoint import save_model
+    from sipa_core.lineage import lineage_record
     from sipa_core.stage_common import load_data, stage_metrics
 
     started = time.time()
@@ -160,11 +161,27 @@ def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=pr
     with publishing(cfg["metrics"]):
         write_tables(cfg, rows)
         atomic_write_text(cfg["out_arch"], yaml.safe_dump(dict(model.spec), sort_keys=False))
-        save_model(cfg["out"], model, stage="search")
+        save_model(cfg["out"], model, stage="search", lineage=lineage_record(data, ["train"]))
     metrics = stage_metrics(model, data, seed=cfg["seed"], device=cfg["recipe"]["device"], started=started,
                             bits=cfg["bits"], method=cfg["method"], **extra)
     publish_metrics(cfg["metrics"], metrics)
     return metrics
+
+
+SEARCH_ONLY_KEYS = ("template", "head", "base_scaling", "steps", "max_evals", "startup_trials", "space", "budget",
+                    "target", "alpha", "w", "backend")
+RAY_KEYS = ("ray_address", "ray_concurrent", "ray_gpus_per_trial", "ray_cpus_per_trial")
+
+
+def inactive(cfg: dict, raw: dict) -> list[str]:
+    """Keys set in the file that this mode does not use."""
+    if cfg["method"] == "preset":
+        return [f"search.{k}: method: preset trains search.preset without a search" for k in
+                SEARCH_ONLY_KEYS + RAY_KEYS if k in raw]
+    out = ["search.preset: used by method: preset only"] if "preset" in raw else []
+    if cfg["backend"] != "ray":
+        out += [f"search.{k}: used by backend: ray only" for k in RAY_KEYS if k in raw]
+    return out
 
 
 def summary(cfg: dict, m: dict) -> str:
@@ -172,4 +189,4 @@ def summary(cfg: dict, m: dict) -> str:
             f"score {m['score']:.6f} -> {cfg['out_arch']}")
 
 
-STAGE = Stage("search", __doc__, read_config, search, summary)
+STAGE = Stage("search", __doc__, read_config, search, summary, inactive)
