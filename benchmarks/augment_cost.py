@@ -6,7 +6,7 @@ AutoAugment applied to groups of `--group` images (one sampled op per group).
 Prints images per second of each and their ratio (timed after warm-up,
 synchronised on GPUs).
 
-    python benchmarks/augment_cost.py [--batch 128] [--size 32] [--steps 30] [--device cpu]
+    python benchmarks/augment_cost.py [--batch 128] [--size 32] [--steps 100] [--device cpu]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

@@ -14,9 +14,12 @@ resumed run draws what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+from torchvision.transforms.v2.functional._geometry import (_affine_grid, _apply_grid_transform,
+                                                            _get_inverse_affine_matrix)
 from torchvision.transforms.v2 import functional as TF
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -106,19 +109,69 @@ class SipaPolicy:
         choice = torch.randint(0, len(SUBPOLICIES), (n,), generator=gen)
         draws = torch.rand(n, 2, generator=gen)
         signs = torch.randint(0, 2, (n, 2), generator=gen) * 2 - 1
-        probs = torch.tensor([[p[0], p[3]] for p in SUBPOLICIES])[choice]
-        return choice, draws < probs, signs
+        return choice, draws < _PROBS[choice], signs
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         choice, apply, signs = self.draw(x.shape[0], gen)
         out = x.clone()
         for slot in (0, 1):  # every image's op1 before any op2: each image sees op1 then op2
-            for k, sub in enumerate(SUBPOLICIES):
-                op, m = sub[1 + 3 * slot], sub[2 + 3 * slot]
-                picked = (choice == k) & apply[:, slot]
-                for sign in ((-1, 1) if op in SIGNED else (1,)):
-                    idx = (picked & ((signs[:, slot] == sign) | (op not in SIGNED))).nonzero().squeeze(1)
-                    if len(idx):
-                        idx = idx.to(x.device)
-                        out[idx] = apply_op(out[idx], op, m, sign)
+            groups = _groups(choice, apply[:, slot], signs[:, slot], slot)
+            geometric = {k: v for k, v in groups.items() if k[0] in GEOMETRIC}
+            if geometric:
+                _apply_geometric(out, geometric)
+            for (op, m, sign), idx in groups.items():
+                if op not in GEOMETRIC:
+                    idx = idx.to(x.device)
+                    out[idx] = apply_op(out[idx], op, m, sign)
         return out
+
+
+# Per slot: the distinct (op, magnitude) pairs of the table, and each sub-policy's pair index.
+_PAIRS = [sorted({(p[1 + 3 * slot], p[2 + 3 * slot]) for p in SUBPOLICIES}) for slot in (0, 1)]
+_PAIR_OF = [torch.tensor([_PAIRS[slot].index((p[1 + 3 * slot], p[2 + 3 * slot])) for p in SUBPOLICIES])
+            for slot in (0, 1)]
+
+
+def _groups(choice: torch.Tensor, applies: torch.Tensor, signs: torch.Tensor, slot: int) -> dict:
+    """(op, m, sign) -> indices of the images that apply it in this slot (sign 1 for unsigned ops)."""
+    idx = applies.nonzero().squeeze(1)
+    pair = _PAIR_OF[slot][choice[idx]]
+    signed = torch.tensor([op in SIGNED for op, _ in _PAIRS[slot]])[pair]
+    key = pair * 2 + torch.where(signed, (signs[idx] > 0).long(), 1)
+    order = key.argsort(stable=True)
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+    out = {}
+    for k, part in zip(keys.tolist(), idx[order].split(counts.tolist())):
+        op, m = _PAIRS[slot][k // 2]
+        out[(op, m, 1 if k % 2 else -1)] = part
+    return out
+
+
+GEOMETRIC = {"shearX", "shearY", "translateX", "translateY", "rotate"}
+_PROBS = torch.tensor([[p[0], p[3]] for p in SUBPOLICIES])
+
+
+@functools.lru_cache(maxsize=512)
+def _grid(op: str, m: int, sign: int, h: int, w: int, device: str) -> torch.Tensor:
+    """The sampling grid of a geometric op, computed as torchvision's affine/rotate kernels do."""
+    v = magnitude(op, m, w) * (sign if op in SIGNED else 1)
+    if op == "rotate":
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], -(v % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
+    elif op in ("shearX", "shearY"):
+        deg = math.degrees(math.atan(v))
+        shear = [deg, 0.0] if op == "shearX" else [0.0, deg]
+        matrix = _get_inverse_affine_matrix([-w * 0.5, -h * 0.5], 0.0, [0.0, 0.0], 1.0, shear)
+    else:
+        shift = [float(int(v)), 0.0] if op == "translateX" else [0.0, float(int(v))]
+        matrix = _get_inverse_affine_matrix([0.0, 0.0], 0.0, shift, 1.0, [0.0, 0.0])
+    theta = torch.tensor(matrix, dtype=torch.float32, device=device).reshape(1, 2, 3)
+    return _affine_grid(theta, w=w, h=h, ow=w, oh=h)
+
+
+def _apply_geometric(out: torch.Tensor, groups: dict) -> None:
+    """Every geometric op of a slot in one grid sample: each image with its own op's grid."""
+    h, w = out.shape[-2:]
+    idx = torch.cat(list(groups.values())).to(out.device)
+    grids = torch.cat([_grid(op, m, sign, h, w, str(out.device)).expand(len(ids), -1, -1, -1)
+                       for (op, m, sign), ids in groups.items()])
+    out[idx] = _apply_grid_transform(out[idx], grids, "nearest", fill=FILL)
