@@ -195,3 +195,12 @@ def test_ray_backend_two_concurrent_trials_and_warm_restart(tmp_path):
     search(cfg, params_file=str(params), log=lines.append, progress=False)
     after = json.loads((tmp_path / "state/blocks.json").read_text())
     assert after[:2] == first and len(after) == 3 and len(lines) == 1
+
+
+def test_no_search_without_a_validation_split(tmp_path, run_script):
+    """Trials are never compared on test: without validation images the search stops (exit 2)."""
+    params = write_params(tmp_path)
+    save_prepared(tiny_data(n_train=96, n_val=0, n_test=32), tmp_path / "data.pt")
+    code, _, err = run_script(ROOT / "stages/search.py", "--params", params, cwd=tmp_path)
+    assert code == 2 and "search.method: trials are compared on the validation split" in err, err
+    assert not (tmp_path / "state").exists()

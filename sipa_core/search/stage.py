@@ -127,6 +127,9 @@ def _search_space(cfg: dict, data, trial_data, where: str, progress, log):
         from sipa_core.search.ray_backend import check_ray
 
         check_ray(where)
+    if len(data.val_y) == 0:
+        raise SipaError(f"{where}.method: trials are compared on the validation split, but it is empty "
+                        f"(prepare.val_size: 0); prepare one, or use method: preset")
     smallest = smallest_score(cfg, data.num_classes, h)
     if smallest > cfg["budget"]:
         raise SipaError(f"{where}.budget: {cfg['budget']} is below the smallest network of the space "
