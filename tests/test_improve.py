@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import sipa_core.train as train_mod
-from helpers import save_prepared, tiny_arch_yaml, tiny_data
+from helpers import tiny_model, save_prepared, tiny_arch_yaml, tiny_data
 from sipa_core.improve import (CATEGORIES, TECHNIQUES, apply_techniques, greedy_select, improve, ordered,
                                read_config)
 from sipa_core.params import check_section
@@ -69,7 +69,8 @@ def write_params(tmp_path, **improve_cfg):
            "options": {"larger_lr": 0.1}, "trial_epochs": 3, "final_epochs": 3,
            "out": str(tmp_path / "models/improve.pt"), "state": str(tmp_path / "state"),
            "metrics": str(tmp_path / "metrics/improve.json"), "table": str(tmp_path / "plots/t.csv"),
-           "live": str(tmp_path / "live/improve"), "compare": str(tmp_path / "plots/compare.csv")}
+           "live": str(tmp_path / "live/improve"), "compare": str(tmp_path / "plots/compare.csv"),
+           "search_model": str(tmp_path / "models/search/model.pt")}
     cfg.update(improve_cfg)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"improve": cfg}))
     return tmp_path / "params.yaml"
@@ -138,3 +139,19 @@ def test_stabilize_runs_its_epochs_at_the_small_rate():
     res = fit(tiny_model(), tiny_data(), r, progress=False)
     assert [h["lr"] for h in res.history] == [pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4))),
                                               OPTIONS["stabilize_lr"]]
+
+
+def test_a_network_worse_than_the_searched_one_is_said(tmp_path, capsys):
+    """The search's trained network (here 8 epochs at lr 0.1) beats an improve run that learns
+    nothing (1 epoch at lr 1e-4): the stage says so on stderr and in its metrics."""
+    from sipa_core.checkpoint import save_model
+    from sipa_core.train import fit
+
+    params = write_params(tmp_path, greedy=False, adopt=[], final_epochs=1, compare_base=False)
+    searched = tiny_model()
+    fit(searched, tiny_data(n_train=96, n_val=32, n_test=32), default_recipe(epochs=8, batch_size=16, lr=0.1),
+        val_split=None, progress=False)
+    save_model(tmp_path / "models/search/model.pt", searched.cpu())
+    m = improve(read_config(params), params_file=str(params), progress=False)
+    assert m["worse_than_input"] is True and m["input_val_accuracy"] > m["val_accuracy"]
+    assert "WORSE on validation than the search's trained network" in capsys.readouterr().err

@@ -40,13 +40,15 @@ def _class_list(value: list) -> str | None:
 
 
 PREPARE_SCHEMA = {
-    "source": Field(str, "cifar100", choices=SOURCES, help="where the images come from"),
-    "root": Field(str, "data/raw", check=_non_empty,
-                  help="cifar: folder holding the extracted archive; imagefolder: the folder itself"),
+    "source": Field(str, "cifar10_subset", choices=SOURCES,
+                    help="where the images come from (cifar10_subset: the CIFAR-10 subset in the repository)"),
+    "root": Field(str, None, nullable=True, check=_non_empty,
+                  help="cifar: folder holding the extracted archive (null: data/raw); imagefolder: the folder "
+                       "itself; cifar10_subset: the subset file (null: datasets/cifar10-subset.pt)"),
     "download": Field(bool, True, help="cifar: try to download when the files are absent"),
     "val_size": Field(int, 500, min=0, help="training images held out for validation, stratified; 0 = none"),
-    "images_per_class": Field(int, 25, nullable=True, min=1, help="at most this many training images per class"),
-    "test_images_per_class": Field(int, 20, nullable=True, min=1, help="at most this many test images per class"),
+    "images_per_class": Field(int, 250, nullable=True, min=1, help="at most this many training images per class"),
+    "test_images_per_class": Field(int, 200, nullable=True, min=1, help="at most this many test images per class"),
     "classes": Field(list, None, nullable=True, check=_class_list, help="class names to keep; null = all"),
     "image_size": Field(int, None, nullable=True, min=8, help="resize every image to this square size"),
     "seed": Field(int, 0, min=0, max=2**63 - 1, help="seeds the subset choice and the validation split"),
@@ -102,6 +104,7 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     started = time.time()
     cfg = check_section(cfg, PREPARE_SCHEMA, file=params_file, section="prepare")
     where = f"{params_file}: prepare"
+    cfg = {**cfg, "root": _root(cfg, where)}
     plan = plan_source(
         cfg["source"], cfg["root"], download=cfg["download"], classes=cfg["classes"],
         images_per_class=cfg["images_per_class"], test_images_per_class=cfg["test_images_per_class"],
@@ -133,6 +136,19 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
     publish_metrics(cfg["metrics"], metrics)
     return metrics
+
+
+DEFAULT_ROOTS = {"cifar100": "data/raw", "cifar10": "data/raw", "cifar10_subset": "datasets/cifar10-subset.pt"}
+
+
+def _root(cfg: Mapping, where: str) -> str:
+    """``prepare.root``, or the source's own default location."""
+    if cfg["root"] is not None:
+        return cfg["root"]
+    if cfg["source"] not in DEFAULT_ROOTS:
+        raise SipaError(f"{where}.root: source {cfg['source']} needs the folder (ROOT/train/<class>/*, "
+                        f"ROOT/test/<class>/*)")
+    return DEFAULT_ROOTS[cfg["source"]]
 
 
 def stratified_counts(class_sizes: list[int], val_size: int) -> list[int]:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from sipa_core.errors import SipaError
 
-SOURCES = ("cifar100", "cifar10", "imagefolder")
+SOURCES = ("cifar10_subset", "cifar100", "cifar10", "imagefolder")
 PARTS = ("train", "test")
 
 DOWNLOAD_TIMEOUT_S = 20  # per socket operation; a dead network fails fast
@@ -106,6 +106,8 @@ def plan_source(
         return _plan_cifar(source, Path(root), download, classes, per_class, image_size, seed, where)
     if source == "imagefolder":
         return _plan_imagefolder(Path(root), classes, per_class, image_size, seed, where)
+    if source == "cifar10_subset":
+        return _plan_subset(Path(root), classes, per_class, image_size, seed, where)
     raise SipaError(f"{where}.source: {source!r} is not one of {', '.join(SOURCES)}")
 
 
@@ -306,6 +308,29 @@ def _plan_imagefolder(root, classes, per_class, image_size, seed, where) -> Sour
 
     def decode_part(part, progress):
         return decode_images(paths[part], image_size, desc=f"decode {part}", progress=progress)
+
+    return SourcePlan(chosen, labels["train"], labels["test"], decode_part)
+
+
+def _plan_subset(path, classes, per_class, image_size, seed, where) -> SourcePlan:
+    """The embedded subset file (``sipa_core.data.subset``), chosen like an image folder."""
+    from sipa_core.data.subset import decode, open_subset
+
+    obj = open_subset(path, where)
+    chosen = choose_classes(obj["classes"], classes, where)
+    indices, labels = {}, {}
+    for part in PARTS:
+        all_labels = obj[part]["labels"].tolist()
+        indices[part], ys = [], []
+        for label, name in enumerate(chosen):
+            members = [i for i, y in enumerate(all_labels) if y == obj["classes"].index(name)]
+            kept = pick(len(members), per_class[part], seed, part, name)
+            indices[part].extend(members[i] for i in kept)
+            ys.extend([label] * len(kept))
+        labels[part] = torch.tensor(ys, dtype=torch.int64)
+
+    def decode_part(part, progress):
+        return decode(obj[part], indices[part], image_size, path)
 
     return SourcePlan(chosen, labels["train"], labels["test"], decode_part)
 

@@ -33,11 +33,11 @@ IMPROVE_SCHEMA = {
     "init": Field(str, None, nullable=True, help="start from this checkpoint's weights (null: fresh init)"),
     "greedy": Field(bool, True, help="false: train base + `adopt` directly"),
     "preset": Field(str, None, nullable=True, choices=("paper",), help="paper: the paper's base and final recipe"),
-    "candidates": Field(list, ["larger_lr", "cosine", "swish", "label_smoothing"], check=_technique_list),
+    "candidates": Field(list, ["larger_lr", "no_bias_decay", "swish", "label_smoothing"], check=_technique_list),
     "adopt": Field(list, [], check=_technique_list, help="techniques applied without selection (greedy: false)"),
     "order": Field(str, "category", choices=("category", "listed"),
                    help="category: try candidates from least to most sensitive group; listed: as written"),
-    "base": Field(dict, {"batch_size": 64, "lr": 0.01, "schedule": "constant", "weight_decay": 0.0005,
+    "base": Field(dict, {"batch_size": 64, "lr": 0.05, "schedule": "cosine", "weight_decay": 0.0005,
                          "activation": "relu", "seed": 0}, help="the base training recipe (see the recipe keys)"),
     "options": Field(dict, {"larger_lr": 0.1},
                      help="values the techniques set (larger_lr, ghost_batch, label_smoothing, ...)"),
@@ -47,7 +47,7 @@ IMPROVE_SCHEMA = {
     "final_epochs": Field(int, 4, min=1),
     "compare_base": Field(bool, True, help="also train the base recipe for the final budget, to report the gain"),
     "bits": Field(int, 16, min=1, max=32, help="bit width the score and the reported accuracy use"),
-    **path_fields('improve', data=('prepare', 'out')),
+    **path_fields('improve', data=('prepare', 'out'), search_model=('search', 'out')),
 }
 
 
@@ -202,8 +202,33 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
                             bits=cfg["bits"], adopted=",".join(adopted) or "-", **extra)
     if "base_accuracy" in extra:
         metrics["gain_over_base"] = metrics["accuracy"] - extra["base_accuracy"]
+    if "val" not in splits:
+        metrics.update(_against_input(cfg, data, metrics))
     publish_metrics(cfg["metrics"], metrics)
     return metrics
+
+
+def _against_input(cfg: dict, data, metrics: dict) -> dict:
+    """The search's trained network on validation: a stage that hands on a worse network says so."""
+    import sys
+
+    from sipa_core.checkpoint import load_model
+    from sipa_core.train import evaluate
+
+    path = Path(cfg["search_model"])
+    if not path.is_file() or len(data.val_y) == 0:
+        return {}
+    try:
+        searched, _ = load_model(path)
+        searched_val = evaluate(searched, data, "val", fp16_weights=cfg["bits"] == 16)
+    except Exception:  # noqa: BLE001 - another architecture or data: no comparison to make
+        return {}
+    worse = metrics["val_accuracy"] < searched_val
+    if worse:
+        print(f"improve: the improved network is WORSE on validation than the search's trained network "
+              f"({metrics['val_accuracy']:.4f} < {searched_val:.4f}, {path}): more final_epochs or another "
+              f"base recipe", file=sys.stderr)
+    return {"input_val_accuracy": searched_val, "worse_than_input": worse}
 
 
 def inactive(cfg: dict, raw: dict) -> list[str]:
