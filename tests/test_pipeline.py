@@ -201,22 +201,24 @@ PROFILE_OVERRIDES = {
               "prepare.test_images_per_class=4", "search.recipe={epochs: 1, batch_size: 32, lr: 0.1}",
               "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1", "accelerate.exit_prune_epochs=1",
               "accelerate.exit_stabilize_epochs=1"],
+    "cpu": ["prepare.val_size=40", "prepare.images_per_class=12", "prepare.test_images_per_class=4",
+            "search.recipe.epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1"],
     "quick": ["prepare.val_size=40", "prepare.images_per_class=12",  # the shipped CIFAR-10 subset
               "prepare.test_images_per_class=4", "search.max_evals=2", "search.recipe.epochs=1",
               "improve.trial_epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1"],
 }
 
 
-@pytest.mark.parametrize("profile", ["paper", "quick"])
+@pytest.mark.parametrize("profile", ["paper", "cpu", "quick"])
 def test_each_profile_runs_to_the_end_under_dvc(project, cifar10_jpeg, profile):
     """`dvc exp run` of the profile as a user would run it (tiny overrides only): every declared
     output is written whatever the options, and the report's summary comes out."""
     path, env = project
-    if profile == "paper":
-        shutil.copy(ROOT / "profiles" / "paper.yaml", path / "params.yaml")
+    if profile != "quick":
+        shutil.copy(ROOT / "profiles" / f"{profile}.yaml", path / "params.yaml")
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
-    root = [f"prepare.root={cifar10_jpeg}"] if profile == "paper" else []
+    root = [f"prepare.root={cifar10_jpeg}"] if profile != "quick" else []
     sets = [a for s in PROFILE_OVERRIDES[profile] + root for a in ("-S", s)]
     out = run(["dvc", "exp", "run", *sets], path, env)
     assert stages_run(out.stdout) == {"prepare", "search", "improve", "prune", "accelerate", "report"}
