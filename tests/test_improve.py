@@ -147,7 +147,10 @@ def test_a_network_worse_than_the_searched_one_is_said(tmp_path, capsys):
     from sipa_core.checkpoint import save_model
     from sipa_core.train import fit
 
-    params = write_params(tmp_path, greedy=False, adopt=[], final_epochs=1, compare_base=False)
+    (tmp_path / "models/search").mkdir(parents=True)
+    tiny_arch_yaml(tmp_path / "models/search/arch.yaml")  # improve trains the search's architecture
+    params = write_params(tmp_path, greedy=False, adopt=[], final_epochs=1, compare_base=False,
+                          arch=str(tmp_path / "models/search/arch.yaml"))
     searched = tiny_model()
     fit(searched, tiny_data(n_train=96, n_val=32, n_test=32), default_recipe(epochs=8, batch_size=16, lr=0.1),
         val_split=None, progress=False)

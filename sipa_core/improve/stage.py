@@ -209,14 +209,16 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
 
 
 def _against_input(cfg: dict, data, metrics: dict) -> dict:
-    """The search's trained network on validation: a stage that hands on a worse network says so."""
+    """The search's trained network on validation (when improve trains the search's architecture,
+    as in the pipeline): a stage that hands on a worse network says so."""
     import sys
 
     from sipa_core.checkpoint import load_model
     from sipa_core.train import evaluate
 
     path = Path(cfg["search_model"])
-    if not path.is_file() or len(data.val_y) == 0:
+    from_search = Path(cfg["arch"]).resolve().parent == path.resolve().parent  # the search's own result
+    if not from_search or not path.is_file() or len(data.val_y) == 0:
         return {}
     try:
         searched, _ = load_model(path)
