@@ -19,9 +19,8 @@ from typing import Any
 from sipa_core.io import atomic_torch_save, atomic_write_json, load_checkpoint
 
 
-def run_key(*parts: Any, length: int = 12) -> str:
-    """A short stable hash of JSON-able ``parts`` (keys sorted; other objects by ``str``)."""
-    blob = parts[0] if len(parts) == 1 else list(parts)
+def run_key(blob: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-able ``blob`` (keys sorted; other objects by ``str``)."""
     text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 

@@ -252,7 +252,7 @@ class ExitRun:
         fault_point("exit")
         return saved
 
-    def threshold_row(self, position: int, t: float) -> dict:
+    def threshold_row(self, position: int, t: float, path_accuracy: float) -> dict:
         """One (position, threshold) point: exit ratio and accuracy on validation and test, score."""
         from sipa_core.accelerate.exits import simulate
 
@@ -266,7 +266,7 @@ class ExitRun:
                 "added_params_ratio": cost.exit_bytes / cost.main_bytes, "threshold": t,
                 "val_exit_ratio": val_ratio, "val_accuracy": accuracy(vpred, self.labels("val")),
                 "exit_ratio": float(texit.float().mean()), "accuracy": accuracy(tpred, self.labels("test")),
-                "path_accuracy": accuracy(saved["test"], self.labels("test")), "ops": s["ops"], "score": s["score"]}
+                "path_accuracy": path_accuracy, "ops": s["ops"], "score": s["score"]}
 
 
 def _load_main(cfg: dict, params_file: str):
@@ -326,8 +326,9 @@ def _sweep(run: ExitRun) -> tuple[list[dict], list[dict]]:
     for position in cfg["positions"]:
         net, saved = run.train_exit(position, cfg["loss"])
         run.exits[position] = (net, saved, run.main_logits_for(net), exit_cost(net, (3, h, h), bits=cfg["bits"]))
+        path_accuracy = accuracy(saved["test"], run.labels("test"))  # the exit alone, once per position
         for t in sorted(set(cfg["thresholds"]) | set(cfg["table_thresholds"])):
-            row = run.threshold_row(position, t)
+            row = run.threshold_row(position, t, path_accuracy)
             if t in cfg["thresholds"]:
                 candidates.append(row)
             if t in cfg["table_thresholds"]:
