@@ -96,8 +96,28 @@ def publishing(metrics_path):
             os.replace(tmp, path)
 
 
-def publish_metrics(path, metrics: dict) -> Path:
-    """The last write of a stage: its metrics, after every other output."""
+# Provenance, and the counter's breakdown of params/ops (bytes, MB, mults, adds): run information.
+RUN_INFO_KEYS = frozenset({"seed", "device", "torch", "python", "params_bytes", "params_mb", "mults", "adds"})
+
+
+def split_metrics(values: dict) -> tuple[dict, dict]:
+    """(metrics, run information): numbers, flags and nulls are metrics (what
+    `dvc exp show` and `dvc metrics diff` compare); names, tables, provenance
+    (seed, device, library versions) and the counter's breakdown are run information."""
+    def is_metric(key, value):
+        return key not in RUN_INFO_KEYS and (value is None or isinstance(value, (bool, int, float)))
+
+    metrics = {k: v for k, v in values.items() if is_metric(k, v)}
+    return metrics, {k: v for k, v in values.items() if k not in metrics}
+
+
+def publish_metrics(path, values: dict, info_path=None) -> Path:
+    """The last writes of a stage, after every other output: its run information
+    (``info_path``), then its metrics (``path``). Without ``info_path`` every value
+    goes to ``path``."""
+    metrics, info = split_metrics(values) if info_path is not None else (values, {})
+    if info_path is not None:
+        atomic_write_json(info_path, info)
     fault_point("publish")
     return atomic_write_json(path, metrics)
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_write_json, atomic_write_text
+from sipa_core.io import atomic_write_csv, atomic_write_text, publish_metrics
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.stage_runner import Stage
@@ -77,47 +77,147 @@ def table_markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dict:
-    started = time.time()
-    rows, stages = [], {}
+# The paper's claims, as thresholds this run's test figures are held against (issue "Evidence that
+# the method works"); each row says whether it holds here.
+PRUNE_MIN_REMOVED, PRUNE_MAX_LOSS = 0.50, 0.01
+EXIT_MIN_SAVING, EXIT_MAX_LOSS = 0.15, 0.005
+
+
+def _pp(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.2f} pp"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("holds" if ok else "does not hold")
+
+
+def _improve_claim(m: dict) -> tuple:
+    base = m.get("base_accuracy")
+    gain = None if base is None else m["accuracy"] - base
+    figures = ("base recipe not trained (improve.compare_base: false)" if base is None else
+               f"improved {m['accuracy']:.2%} against base {base:.2%} ({_pp(gain)})")
+    return "Improving beats its own base recipe at equal epochs", figures, None if gain is None else gain > 0
+
+
+def _prune_claim(m: dict, before: dict | None) -> tuple:
+    removed = m.get("weight_sparsity", m.get("sparsity"))
+    counted = None if before is None else 1 - m["params"] / before["params"]
+    change = m.get("accuracy_change")
+    claim = (f"Pruning removes at least {PRUNE_MIN_REMOVED:.0%} of the parameters with at most "
+             f"{100 * PRUNE_MAX_LOSS:g} pp test accuracy loss")
+    if removed is None or change is None:
+        return claim, "no sparsity or accuracy change recorded", None
+    figures = (f"{removed:.1%} of the prunable weights removed"
+               + ("" if counted is None else f" ({counted:.1%} of the counted parameter bytes)")
+               + f", test accuracy {_pp(change)} against its input")
+    ok = removed >= PRUNE_MIN_REMOVED and change >= -PRUNE_MAX_LOSS - 1e-12
+    return claim, figures, ok
+
+
+def _exit_claim(m: dict) -> tuple:
+    saving, change = m.get("ops_saving"), m.get("accuracy_change")
+    claim = (f"The exit cuts expected ops by at least {EXIT_MIN_SAVING:.0%} with at most "
+             f"{100 * EXIT_MAX_LOSS:g} pp loss")
+    if saving is None or change is None:
+        return claim, "no exit figures recorded", None
+    figures = (f"expected ops {-100 * saving:+.1f}% (exit ratio {m.get('exit_ratio') or 0:.1%}), "
+               f"test accuracy {_pp(change)} against the main network")
+    ok = saving >= EXIT_MIN_SAVING and change >= -EXIT_MAX_LOSS - 1e-12
+    return claim, figures, ok
+
+
+def _loss_claim(m: dict) -> tuple:
+    claim = "Softsmoothing exits beat cross-entropy exits (lower AURC, more images out at the same target)"
+    ss, ce = m.get("aurc_softsmoothing"), m.get("aurc_cross_entropy")
+    if ss is None or ce is None:
+        return claim, "one loss only (accelerate.compare_loss: false)", None
+    own = "cross_entropy" if "softsmoothing_exit_ratio" in m else "softsmoothing"
+    ratios = {own: m.get("exit_ratio"), **{k[:-len("_exit_ratio")]: v for k, v in m.items()
+                                           if k.endswith("_exit_ratio") and k != "val_exit_ratio"}}
+    accs = {own: m.get("accuracy"), **{k[:-len("_accuracy")]: v for k, v in m.items()
+                                       if k in ("softsmoothing_accuracy", "cross_entropy_accuracy")}}
+    r_ss, r_ce = ratios.get("softsmoothing"), ratios.get("cross_entropy")
+    fmt = lambda r, a: "no threshold meets the target" if r is None else f"{r:.1%} out, test {a:.2%}"  # noqa: E731
+    figures = (f"AURC {ss:.4f} against {ce:.4f}; at the validation target: softsmoothing "
+               f"{fmt(r_ss, accs.get('softsmoothing'))}, cross-entropy {fmt(r_ce, accs.get('cross_entropy'))}")
+    ok = ss < ce and (r_ss or 0) >= (r_ce or 0)
+    return claim, figures, ok
+
+
+def claims_markdown(stages: dict[str, dict]) -> str:
+    """The paper's claims against this run's test figures, one row each."""
+    rows = []
+    if "improve" in stages:
+        rows.append(_improve_claim(stages["improve"]))
+    if "prune" in stages:
+        rows.append(_prune_claim(stages["prune"], stages.get("improve")))
+    if "accelerate" in stages:
+        rows += [_exit_claim(stages["accelerate"]), _loss_claim(stages["accelerate"])]
+    lines = ["# The paper's claims on this run (test split; every choice made on validation)", "",
+             "| claim | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {c} | {f} | {_verdict(ok)} |" for c, f, ok in rows]
+    return "\n".join(lines) + "\n"
+
+
+SCORE_KEYS = ("accuracy", "params", "ops", "params_score", "ops_score", "score")
+
+
+def _read_json(path: Path, missing: str) -> dict:
+    if not path.is_file():
+        raise SipaError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SipaError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def _stage_metrics(cfg: dict, params_file: str) -> dict[str, dict]:
+    stages = {}
     for stage in cfg["stages"]:
         path = Path(cfg["metrics_dir"]) / f"{stage}.json"
-        if not path.is_file():
-            raise SipaError(f"{params_file}: report.stages: {path} not found; run the {stage} stage first")
-        try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise SipaError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        missing = [k for k in ("accuracy", "params", "ops", "params_score", "ops_score", "score") if k not in m]
+        m = _read_json(path, f"{params_file}: report.stages: {path} not found; run the {stage} stage first")
+        missing = [k for k in SCORE_KEYS if k not in m]
         if missing:
             raise SipaError(f"{path}: metrics lack {', '.join(missing)}")
         stages[stage] = m
-        title = STAGE_TITLES[stage] + (" (chosen on test)" if m.get("chosen_on_test") else "")
-        rows.append({"stage": title, **{k: m[k] for k in ("accuracy", "params", "ops", "params_score", "ops_score",
-                                                           "score")}})
+    return stages
+
+
+def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dict:
+    started = time.time()
+    stages = _stage_metrics(cfg, params_file)
+    rows = [{"stage": STAGE_TITLES[s] + (" (chosen on test)" if m.get("chosen_on_test") else ""),
+             **{k: m[k] for k in SCORE_KEYS}} for s, m in stages.items()]
     out_rows = rows + ([REFERENCE_ROW] + PAPER_ROWS if cfg["references"] else [])
     atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"]))
-    from sipa_core.io import atomic_write_csv
-
-    atomic_write_csv(cfg["table_csv"], rows, ["stage", "accuracy", "params", "ops", "params_score", "ops_score",
-                                              "score"])
-    final = rows[-1] if rows else None
-    summary = {"stages": {s: {k: stages[s][k] for k in ("accuracy", "params", "ops", "params_score", "ops_score",
-                                                         "score")} for s in stages}}
-    if final is not None:
-        summary.update(final_stage=cfg["stages"][-1], accuracy=final["accuracy"], score=final["score"],
-                       params_score=final["params_score"], ops_score=final["ops_score"])
-        first = rows[0]
-        summary["compression"] = {"params": first["params_score"] / final["params_score"],
-                                  "ops": first["ops_score"] / final["ops_score"]}
-    last = stages.get(cfg["stages"][-1], {}) if cfg["stages"] else {}
-    summary.update(seed=last.get("seed"), device=last.get("device"), torch=last.get("torch"),
-                   python=last.get("python"),
-                   wall_time_s=round(time.time() - started, 2),
+    atomic_write_csv(cfg["table_csv"], rows, ["stage", *SCORE_KEYS])
+    atomic_write_text(cfg["claims"], claims_markdown(stages))
+    summary = {}
+    if rows:
+        first, final = rows[0], rows[-1]
+        summary.update({k: final[k] for k in ("accuracy", "score", "params_score", "ops_score")},
+                       compression_params=first["params_score"] / final["params_score"],
+                       compression_ops=first["ops_score"] / final["ops_score"])
+    summary.update(wall_time_s=round(time.time() - started, 2),
                    pipeline_wall_time_s=round(sum(s.get("wall_time_s", 0) for s in stages.values())
                                               + _prepare_seconds(cfg["metrics_dir"]), 2))
-    atomic_write_json(cfg["summary"], summary)
-    return summary
+    info = {"final_stage": cfg["stages"][-1] if cfg["stages"] else None,
+            "stages": {s: {k: m[k] for k in SCORE_KEYS} for s, m in stages.items()},
+            "runs": _stage_info(cfg)}
+    publish_metrics(cfg["summary"], {**summary, **info}, cfg["info"])
+    return {**summary, **info}
+
+
+def _stage_info(cfg: dict) -> dict:
+    """Each stage's run information (seed, device, versions), where it exists."""
+    out = {}
+    for stage in cfg["stages"]:
+        path = Path(cfg["info_dir"]) / f"{stage}.json"
+        try:
+            out[stage] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            out[stage] = None
+    return out
 
 
 def _prepare_seconds(metrics_dir) -> float:

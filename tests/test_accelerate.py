@@ -149,7 +149,7 @@ def _stage_params(tmp_path, main_ckpt, test_seed=0, wrong_val_labels=False, **ac
            "epochs": 2, "recipe": {"lr": 0.05}, "max_drop": 0.2, "thresholds": [0.3, 0.5, 0.7, 0.9],
            "table_thresholds": [0.5, 0.9], "allow_no_exit": False,
            "out": str(tmp_path / "models/acc.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/acc.json"), "table": str(tmp_path / "plots/exits.csv"),
+           "metrics": str(tmp_path / "metrics/acc.json"), "info": str(tmp_path / "info/acc.json"), "table": str(tmp_path / "plots/exits.csv"),
            "risk_coverage": str(tmp_path / "plots/rc.csv")}
     cfg.update(acc_cfg)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"accelerate": cfg}))
@@ -166,7 +166,8 @@ def test_stage_trains_calibrates_on_validation_and_resumes(tmp_path, monkeypatch
     assert m["adaptive_matches_simulated"] is True
     assert 0 <= m["exit_ratio"] <= 1 and m["val_accuracy"] >= m["val_target"]
     for key in ("score", "params_score", "ops_score", "accuracy", "path_accuracy", "aurc_softsmoothing",
-                "aurc_cross_entropy", "seed", "device", "torch", "wall_time_s", "ops_saving"):
+                "aurc_cross_entropy", "cross_entropy_exit_ratio", "cross_entropy_accuracy", "seed", "device",
+                "torch", "wall_time_s", "ops_saving"):
         assert key in m, key
     rc = (tmp_path / "a/plots/rc.csv").read_text().splitlines()
     assert rc[0] == "coverage,risk_softsmoothing,risk_cross_entropy" and len(rc) == 101
@@ -240,3 +241,23 @@ def test_exit_pruning_reuses_the_pruning_code(tmp_path, main_ckpt):
         (state_file,) = (tmp_path / "e").rglob(name)
         state = torch.load(state_file, weights_only=True)
         assert state["epoch"] == 1 and state["optimizer"]["state"], name
+
+
+def test_compared_loss_is_calibrated_at_the_same_validation_target():
+    """The other loss's exit gets the threshold that sends most validation images out while
+    meeting the target; its test exit ratio and accuracy are read at that threshold."""
+    from types import SimpleNamespace
+
+    from sipa_core.accelerate.stage import _calibrated_on_val
+
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])  # image 2: confidently wrong
+    saved = {"val": probs.log(), "test": probs.log()}
+    main = {"val": torch.tensor([[1.0, 0.0]] * 4), "test": torch.tensor([[1.0, 0.0]] * 4)}
+    labels = torch.zeros(4, dtype=torch.long)
+    run = SimpleNamespace(cfg={"thresholds": [0.5, 0.85]}, labels=lambda split: labels)
+    # 0.5: all four leave (val accuracy 3/4); 0.85: images 0, 1 leave (4/4, the rest from the main net).
+    assert _calibrated_on_val(run, saved, main, 0.9, "ce") == {"ce_threshold": 0.85, "ce_exit_ratio": 0.5,
+                                                                "ce_accuracy": 1.0}
+    assert _calibrated_on_val(run, saved, main, 0.7, "ce") == {"ce_threshold": 0.5, "ce_exit_ratio": 1.0,
+                                                                "ce_accuracy": 0.75}
+    assert _calibrated_on_val(run, saved, main, 1.01, "ce")["ce_threshold"] is None

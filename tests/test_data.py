@@ -46,7 +46,7 @@ def cfg_for(tmp_path: Path, root: Path, **overrides) -> dict:
         "root": str(root),
         "val_size": 0,
         "out": str(tmp_path / "out" / "dataset.pt"),
-        "metrics": str(tmp_path / "out" / "prepare.json"),
+        "metrics": str(tmp_path / "out" / "prepare.json"), "info": str(tmp_path / "out" / "info.json"),
     }
     cfg.update(overrides)
     return cfg
@@ -95,7 +95,9 @@ def test_split_sizes_stratification_and_file_contents(tmp_path, folder):
     # Pixels are the PNG's pixels, channels first.
     first = np.array(Image.open(folder / "test" / "ant" / "000.png"))
     assert torch.equal(data.test_x[0], torch.from_numpy(first).permute(2, 0, 1))
-    assert metrics == json.loads(Path(cfg["metrics"]).read_text())
+    written = {**json.loads(Path(cfg["metrics"]).read_text()), **json.loads(Path(cfg["info"]).read_text())}
+    assert metrics == written  # numbers in the metrics file, the rest (mean, std, versions) in the info file
+    assert "mean" in json.loads(Path(cfg["info"]).read_text())
     assert (metrics["train_images"], metrics["val_images"], metrics["test_images"]) == (54, 6, 15)
     assert (metrics["num_classes"], metrics["image_height"], metrics["image_width"]) == (3, 6, 8)
     assert data.source["source"] == "imagefolder" and data.source["val_size"] == 6
@@ -359,7 +361,7 @@ def test_failed_write_leaves_existing_output_unchanged(tmp_path, folder, monkeyp
     with pytest.raises(SipaError, match="could not write \\(disk full\\)"):
         run_prepare(tmp_path, folder, val_size=6)
     assert Path(cfg["out"]).read_bytes() == before
-    assert sorted(p.name for p in Path(cfg["out"]).parent.iterdir()) == ["dataset.pt", "prepare.json"]
+    assert sorted(p.name for p in Path(cfg["out"]).parent.iterdir()) == ["dataset.pt", "info.json", "prepare.json"]
 
 
 def test_load_prepared_refuses_other_files(tmp_path):

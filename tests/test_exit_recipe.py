@@ -38,7 +38,8 @@ def _train_exit(main, data, recipe) -> EarlyExitNetwork:
 def test_exit_recipe_gives_confident_exits_where_the_inherited_one_cannot(tmp_path, cifar10_jpeg):
     prepare({"source": "imagefolder", "root": str(cifar10_jpeg), "classes": ["airplane", "automobile", "frog"],
              "val_size": 150, "images_per_class": 300, "test_images_per_class": 10,
-             "out": str(tmp_path / "data.pt"), "metrics": str(tmp_path / "prepare.json")}, progress=False)
+             "out": str(tmp_path / "data.pt"), "metrics": str(tmp_path / "prepare.json"),
+             "info": str(tmp_path / "prepare_info.json")}, progress=False)
     data = load_prepared(tmp_path / "data.pt")
     torch.manual_seed(0)
     main = create_model(create_spec("sipa_baseline_32", num_classes=3, image_size=32))

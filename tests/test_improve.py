@@ -68,7 +68,7 @@ def write_params(tmp_path, **improve_cfg):
            "base": {"lr": 0.0001, "schedule": "constant", "batch_size": 16, "weight_decay": 0.0},
            "options": {"larger_lr": 0.1}, "trial_epochs": 3, "final_epochs": 3,
            "out": str(tmp_path / "models/improve.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/improve.json"), "table": str(tmp_path / "plots/t.csv"),
+           "metrics": str(tmp_path / "metrics/improve.json"), "info": str(tmp_path / "info/improve.json"), "table": str(tmp_path / "plots/t.csv"),
            "live": str(tmp_path / "live/improve"), "compare": str(tmp_path / "plots/compare.csv"),
            "search_model": str(tmp_path / "models/search/model.pt")}
     cfg.update(improve_cfg)

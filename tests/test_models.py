@@ -113,3 +113,19 @@ def test_impossible_shapes_are_clear_errors():
         efficientnet_spec(["r1_k3_s1_e1_i8_o8"], activation="wiggle")
     with pytest.raises(SipaError, match="width"):
         efficientnet_spec(["r1_k3_s1_e1_i8_o8"], width=0)
+
+
+def test_conv_init_is_he_normal_over_fan_out_per_group():
+    """Depthwise convs start at the scale of a 3x3 single-channel filter (std sqrt(2/9)), not
+    divided again by their channel count (what torch's kaiming_normal_(mode="fan_out") does)."""
+    torch.manual_seed(0)
+    model = create_model("sipa_baseline")
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    depthwise = [m for m in convs.values() if m.groups == m.in_channels > 1]
+    pointwise = [m for m in convs.values() if m.kernel_size == (1, 1) and m.groups == 1 and m.out_channels >= 64]
+    assert depthwise and pointwise
+    for conv in depthwise:
+        kh, kw = conv.kernel_size
+        assert conv.weight.std().item() == pytest.approx((2 / (kh * kw)) ** 0.5, rel=0.25), conv
+    for conv in pointwise:
+        assert conv.weight.std().item() == pytest.approx((2 / conv.out_channels) ** 0.5, rel=0.25), conv

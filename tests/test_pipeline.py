@@ -38,6 +38,7 @@ def project(tmp_path):
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     run(["git", "init", "-q", "-b", "main"], dst, env)
     run(["dvc", "init", "-q"], dst, env)
+    shutil.copy(ROOT / ".dvcignore", dst / ".dvcignore")  # byte code beside the code deps is not a change
     return dst, env
 
 
@@ -99,19 +100,24 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     acc = json.loads((path / "metrics/accelerate.json").read_text())
     assert "exit_ratio" in acc and "threshold" in acc
     summary = json.loads((path / "metrics/summary.json").read_text())
-    assert summary["final_stage"] == "accelerate" and summary["score"] == acc["score"]
+    assert summary["score"] == acc["score"]
+    assert json.loads((path / "info/report.json").read_text())["final_stage"] == "accelerate"
     table = (path / "reports/table1.md").read_text()
     assert "| Pruning |" in table and "WideResNet-28-10" in table and "Accelerating (paper)" in table
-    for name in ("prepare", "search", "improve", "prune", "accelerate"):
+    for name in ("prepare", "search", "improve", "prune", "accelerate", "summary"):
         metrics = json.loads((path / f"metrics/{name}.json").read_text())
-        for key in ("seed", "device", "torch", "wall_time_s"):
-            assert key in metrics, (name, key)
+        assert "wall_time_s" in metrics, name  # metrics files hold numbers; the rest is run information
+        assert all(v is None or isinstance(v, (bool, int, float)) for v in metrics.values()), (name, metrics)
+        info = json.loads((path / f"info/{'report' if name == 'summary' else name}.json").read_text())
+        assert name == "summary" or {"seed", "device", "torch", "python"} <= set(info), (name, info)
+    _check_figures(path, env)
 
     again = run(["dvc", "repro"], path, env)
     assert stages_run(again.stdout) == set()  # cached: nothing re-runs
 
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "first run"], path, env)
+    _remote_round_trip(path, env)
     exp = run(["dvc", "exp", "run", "-S", "report.title=Another title"], path, env)
     assert stages_run(exp.stdout) == {"report"}  # only the report's own params changed
     assert "# Another title" in (path / "reports/table1.md").read_text()
@@ -125,6 +131,34 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     assert diff["metrics/prune.json"]["score"]["diff"] < 0  # sparser: a lower score
     shown = run(["dvc", "metrics", "diff"], path, env).stdout
     assert "metrics/prune.json" in shown and "score" in shown
+
+
+def _remote_round_trip(path, env):
+    """A local-directory remote: `dvc push` here, `dvc pull` in a fresh clone, and that clone is
+    up to date (its `dvc repro` runs nothing), with the checkpoints present."""
+    remote = path.parent / "remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], path, env)
+    run(["git", "add", ".dvc/config"], path, env)
+    run(["git", "commit", "-qm", "remote"], path, env)
+    run(["dvc", "push"], path, env)
+    clone = path.parent / "clone"
+    run(["git", "clone", "-q", str(path), str(clone)], path.parent, env)
+    assert not (clone / "models/accelerate.pt").exists()
+    run(["dvc", "pull"], clone, env)
+    assert (clone / "models/accelerate.pt").read_bytes() == (path / "models/accelerate.pt").read_bytes()
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env).stdout
+    assert stages_run(run(["dvc", "repro"], clone, env).stdout) == set()
+
+
+def _check_figures(path, env):
+    """`dvc plots show`: each top-level figure once (no raw copies of its CSVs), with data and a title."""
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], path, env).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    ids = [next(iter(p)) for p in yaml.safe_load((path / "dvc.yaml").read_text())["plots"]]
+    assert sorted(shown["data"]) == sorted(ids)
+    for name, figures in shown["data"].items():
+        assert len(figures) == 1 and figures[0]["content"]["data"]["values"], name
+        assert figures[0]["content"].get("title"), name
 
 
 def test_bad_params_fail_the_stage_cleanly(project):
@@ -223,7 +257,8 @@ def test_each_profile_runs_to_the_end_under_dvc(project, cifar10_jpeg, profile):
     out = run(["dvc", "exp", "run", *sets], path, env)
     assert stages_run(out.stdout) == {"prepare", "search", "improve", "prune", "accelerate", "report"}
     summary = json.loads((path / "metrics/summary.json").read_text())
-    assert summary["final_stage"] == "accelerate" and summary["score"] > 0
+    assert json.loads((path / "info/report.json").read_text())["final_stage"] == "accelerate"
+    assert summary["score"] > 0 and (path / "reports/claims.md").is_file()
     if profile == "paper":
         prune = json.loads((path / "metrics/prune.json").read_text())
-        assert prune["rounds"] == 11 and prune["select_split"] == "val"
+        assert prune["rounds"] == 11 and json.loads((path / "info/prune.json").read_text())["select_split"] == "val"

@@ -200,7 +200,7 @@ def _stage_params(tmp_path, trained_on=("train",), n_val=32, **prune_cfg):
     cfg = {"model": str(tmp_path / "improve.pt"), "data": str(tmp_path / "data.pt"),
            "schedule": [0.3, 0.5, 0.7], "epochs": 1, "recipe": {"lr": 0.02}, "max_drop": None,
            "out": str(tmp_path / "models/prune.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/prune.json"), "rounds_table": str(tmp_path / "plots/rounds.csv"),
+           "metrics": str(tmp_path / "metrics/prune.json"), "info": str(tmp_path / "info/prune.json"), "rounds_table": str(tmp_path / "plots/rounds.csv"),
            "layers_table": str(tmp_path / "plots/layers.csv")}
     cfg.update(prune_cfg)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prune": cfg}))

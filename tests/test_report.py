@@ -21,7 +21,8 @@ def _metrics(tmp_path, **scores):
 
 def _params(tmp_path, **cfg):
     base = {"metrics_dir": str(tmp_path / "metrics"), "summary": str(tmp_path / "metrics/summary.json"),
-            "table": str(tmp_path / "reports/table1.md"), "table_csv": str(tmp_path / "plots/summary.csv")}
+            "table": str(tmp_path / "reports/table1.md"), "table_csv": str(tmp_path / "plots/summary.csv"), "info_dir": str(tmp_path / "info"),
+            "info": str(tmp_path / "info/report.json"), "claims": str(tmp_path / "reports/claims.md")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {**base, **cfg}}))
     return tmp_path / "params.yaml"
 
@@ -31,7 +32,11 @@ def test_table_and_summary(tmp_path):
     params = _params(tmp_path)
     s = report(read_config(params), params_file=str(params))
     assert s["final_stage"] == "accelerate" and s["score"] == 0.005
-    assert s["compression"]["params"] == pytest.approx(3.0)
+    assert s["compression_params"] == pytest.approx(3.0)
+    written = json.loads((tmp_path / "metrics/summary.json").read_text())
+    assert written["score"] == 0.005 and "final_stage" not in written and "stages" not in written
+    info = json.loads((tmp_path / "info/report.json").read_text())
+    assert info["final_stage"] == "accelerate" and info["stages"]["prune"]["score"] == 0.006
     assert s["pipeline_wall_time_s"] == pytest.approx(40.0)
     table = (tmp_path / "reports/table1.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ")]
@@ -67,3 +72,24 @@ def test_a_round_chosen_on_test_is_marked(tmp_path):
     report(read_config(params), params_file=str(params))
     table = (tmp_path / "reports/table1.md").read_text()
     assert "| Pruning (chosen on test) |" in table and "| Improving |" in table
+
+
+def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005)
+    extra = {"improve": dict(accuracy=0.80, base_accuracy=0.78, params=1e5),
+             "prune": dict(accuracy=0.796, weight_sparsity=0.6, accuracy_change=-0.004, params=4e4),
+             "accelerate": dict(accuracy=0.790, ops_saving=0.2, accuracy_change=-0.006, exit_ratio=0.4,
+                                aurc_softsmoothing=0.10, aurc_cross_entropy=0.12, cross_entropy_exit_ratio=0.3,
+                                cross_entropy_accuracy=0.789)}
+    for stage, values in extra.items():
+        path = tmp_path / "metrics" / f"{stage}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    params = _params(tmp_path)
+    report(read_config(params), params_file=str(params))
+    rows = [line for line in (tmp_path / "reports/claims.md").read_text().splitlines() if line.startswith("| ")]
+    verdicts = [r.rsplit("|", 2)[1].strip() for r in rows[1:]]
+    assert verdicts == ["holds", "holds", "does not hold", "holds"]  # the exit loses 0.6 pp > 0.5 pp
+    assert "improved 80.00% against base 78.00% (+2.00 pp)" in rows[1]
+    assert "60.0% of the prunable weights removed (60.0% of the counted parameter bytes)" in rows[2]
+    assert "expected ops -20.0% (exit ratio 40.0%), test accuracy -0.60 pp" in rows[3]
+    assert "softsmoothing 40.0% out, test 79.00%, cross-entropy 30.0% out, test 78.90%" in rows[4]

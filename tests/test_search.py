@@ -28,7 +28,7 @@ def write_params(tmp_path, **search_cfg):
            "recipe": {"epochs": 2, "batch_size": 16, "lr": 0.05},
            "data": str(tmp_path / "data.pt"), "out_arch": str(tmp_path / "models/search/arch.yaml"),
            "out": str(tmp_path / "models/search/model.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/search.json"), "table": str(tmp_path / "plots/trials.csv"),
+           "metrics": str(tmp_path / "metrics/search.json"), "info": str(tmp_path / "info/search.json"), "table": str(tmp_path / "plots/trials.csv"),
            "pareto": str(tmp_path / "plots/pareto.csv")}
     for key, value in search_cfg.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

@@ -26,7 +26,7 @@ def test_the_shipped_subset_is_small_balanced_and_says_where_it_comes_from():
 
 
 def test_prepare_reads_it_offline_by_default(tmp_path):
-    cfg = {"out": str(tmp_path / "d.pt"), "metrics": str(tmp_path / "m.json")}  # every other key: the default
+    cfg = {"out": str(tmp_path / "d.pt"), "metrics": str(tmp_path / "m.json"), "info": str(tmp_path / "i.json")}  # every other key: the default
     m = prepare(cfg, progress=False)
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (2000, 500, 2000, 10)
     data = load_prepared(tmp_path / "d.pt")

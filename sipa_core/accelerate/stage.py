@@ -380,13 +380,33 @@ def _risk_coverage_rows(run: ExitRun, position: int, metrics: dict):
     curves = {cfg["loss"]: risk_coverage(run.exits[position][1]["test"], y_test)}
     if cfg["compare_loss"]:
         other = [name for name in LOSSES if name != cfg["loss"]][0]
-        curves[other] = risk_coverage(run.train_exit(position, other)[1]["test"], y_test)
+        saved = run.train_exit(position, other)[1]
+        curves[other] = risk_coverage(saved["test"], y_test)
+        metrics.update(_calibrated_on_val(run, saved, run.exits[position][2], metrics["val_target"], other))
     for name, (_, aurc) in curves.items():
         metrics[f"aurc_{name}"] = aurc
     names = list(curves)
     rows = [{"coverage": cov, **{f"risk_{n}": curves[n][0][i][1] for n in names}}
             for i, (cov, _) in enumerate(curves[names[0]][0])]
     return rows, ["coverage"] + [f"risk_{n}" for n in names]
+
+
+def _calibrated_on_val(run: ExitRun, saved: dict, main_logits: dict, target: float, name: str) -> dict:
+    """The compared loss's exit at the same validation target: its threshold (the one
+    sending most validation images out), and its test exit ratio and accuracy."""
+    from sipa_core.accelerate.exits import simulate
+
+    best = None
+    for t in run.cfg["thresholds"]:
+        vpred, vexit = simulate(saved["val"], main_logits["val"], t)
+        ratio = float(vexit.float().mean())
+        if accuracy(vpred, run.labels("val")) >= target - 1e-12 and (best is None or ratio > best[1]):
+            best = (t, ratio)
+    if best is None:
+        return {f"{name}_threshold": None, f"{name}_exit_ratio": None, f"{name}_accuracy": None}
+    tpred, texit = simulate(saved["test"], main_logits["test"], best[0])
+    return {f"{name}_threshold": best[0], f"{name}_exit_ratio": float(texit.float().mean()),
+            f"{name}_accuracy": accuracy(tpred, run.labels("test"))}
 
 
 def _choose_exit(run: ExitRun, candidates: list[dict], metrics: dict, main_score: dict) -> dict | None:
@@ -443,7 +463,7 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
         atomic_write_csv(cfg["risk_coverage"], rc_rows, rc_columns)
         atomic_write_csv(cfg["table"], rows, EXIT_TABLE_COLUMNS)
     metrics.update(provenance(seed=cfg["seed"], device=run.recipe["device"], started=started))
-    publish_metrics(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
 
 

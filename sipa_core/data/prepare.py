@@ -134,7 +134,7 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     from sipa_core.runtime import provenance
 
     metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
-    publish_metrics(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
 
 

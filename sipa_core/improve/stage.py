@@ -67,14 +67,15 @@ def read_config(params_path: str | Path) -> dict:
 
 
 def write_compare(path: str | Path, curves: dict[str, list[dict]]) -> None:
-    """Per epoch: the final recipe's and (with compare_base) the base recipe's validation accuracy
-    and training loss; written whatever the options, base columns empty when not trained."""
+    """Per epoch: the final recipe's and (with compare_base) the base recipe's validation accuracy,
+    training loss and learning rate (at the epoch's last step); written whatever the options, base columns empty when not trained."""
     from sipa_core.io import atomic_write_csv
 
     epochs = max((len(h) for h in curves.values()), default=0)
     rows = [{"epoch": e + 1, **{f"{name}_{key}": h[e].get(key) for name, h in curves.items() if e < len(h)
-                                for key in ("val_acc", "train_loss")}} for e in range(epochs)]
-    atomic_write_csv(path, rows, ["epoch", "final_val_acc", "base_val_acc", "final_train_loss", "base_train_loss"])
+                                for key in ("val_acc", "train_loss", "lr")}} for e in range(epochs)]
+    atomic_write_csv(path, rows, ["epoch", "final_val_acc", "base_val_acc", "final_train_loss", "base_train_loss",
+                                  "final_lr", "base_lr"])
 
 
 def write_table(path: str | Path, decisions: list[Decision], base_acc: float) -> None:
@@ -204,7 +205,7 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
         metrics["gain_over_base"] = metrics["accuracy"] - extra["base_accuracy"]
     if "val" not in splits:
         metrics.update(_against_input(cfg, data, metrics))
-    publish_metrics(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
 
 

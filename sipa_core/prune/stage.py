@@ -272,7 +272,7 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
                             normalize=cfg["normalize"], retrain=cfg["retrain"])
     metrics["accuracy_change"] = metrics["accuracy"] - run.ref_test
     metrics["input_score"] = input_row["score"]
-    publish_metrics(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
 
 

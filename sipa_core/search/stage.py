@@ -167,7 +167,7 @@ def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=pr
         save_model(cfg["out"], model, stage="search", lineage=lineage_record(data, ["train"]))
     metrics = stage_metrics(model, data, seed=cfg["seed"], device=cfg["recipe"]["device"], started=started,
                             bits=cfg["bits"], method=cfg["method"], **extra)
-    publish_metrics(cfg["metrics"], metrics)
+    publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
 
 
