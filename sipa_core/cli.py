@@ -28,16 +28,41 @@ def format_report(result, name: str, layers: bool) -> str:
         lines.append("cumulative ops at block ends: " + ", ".join(
             f"{b.name.split('.')[-1]}:{b.ops / 1e6:.3f}M" for b in result.blocks))
     lines += [
-        f"model           {name}  (input {tuple(result.input_shape[1:])}, {s['bits']}-bit values)",
+        f"model           {name}  (input {tuple(result.input_shape[1:])}, {result.widths.label()})",
         f"parameters      {_fmt(s['params'])} (32-bit equivalent), {s['params_mb']:.6f} MB,"
         f" weight sparsity {s['weight_sparsity']:.2%}",
-        f"math ops        {_fmt(s['ops'])} (32-bit equivalent) = {_fmt(s['mults'])} mults x {result.mult_scale:g}"
-        f" + {_fmt(s['adds'])} adds",
+        f"math ops        {_fmt(s['ops'])} (32-bit equivalent) = {_fmt(s['mults'])} mults at their input widths"
+        f" + {_fmt(s['adds'])} adds x {result.widths.add}/32",
         f"params score    {s['params_score']:.6f}",
         f"ops score       {s['ops_score']:.6f}",
         f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)",
     ]
     return "\n".join(lines)
+
+
+def bit_widths(args, model) -> "BitWidths":
+    """The counted widths from --bits/--weight-bits/--act-bits/--add-bits/--layer-bits; a
+    --layer-bits pattern that names no module of ``model`` is an error."""
+    from sipa_core.scoring import BitWidths
+
+    overrides = []
+    for item in args.layer_bits:
+        pattern, _, widths = item.partition("=")
+        w, _, a = widths.partition(":")
+        if not pattern or not w.isdigit() or (a and not a.isdigit()):
+            raise SipaError(f"sipa score: --layer-bits {item!r}: expected PATTERN=W or PATTERN=W:A")
+        overrides.append((pattern, int(w), int(a or w)))
+    weight = args.bits if args.weight_bits is None else args.weight_bits
+    act = args.bits if args.act_bits is None else args.act_bits
+    try:
+        widths = BitWidths(weight, act, args.add_bits, tuple(overrides))
+    except SipaError as err:
+        raise SipaError(f"sipa score: {err}") from None
+    unmatched = widths.unmatched(name for name, _ in model.named_modules())
+    if unmatched:
+        raise SipaError(f"sipa score: --layer-bits {unmatched[0]!r} matches no module of the model "
+                        f"(module names: sipa score --layers)")
+    return widths
 
 
 def cmd_score(args) -> int:
@@ -59,7 +84,7 @@ def cmd_score(args) -> int:
     name = model.spec.get("name") or args.arch or args.checkpoint
     if exit_record is not None or args.exit_after is not None:
         return _score_with_exit(args, model, exit_record, size, name)
-    result = count(model, (3, size, size), bits=args.bits, uniform_sparsity=args.uniform_sparsity)
+    result = count(model, (3, size, size), bits=bit_widths(args, model), uniform_sparsity=args.uniform_sparsity)
     if args.json:
         out = result.summary()
         out["arch"] = name
@@ -88,7 +113,7 @@ def _score_with_exit(args, model, record, size, name) -> int:
         ratio = 0.0 if args.exit_ratio is None else args.exit_ratio
     if not 0 <= ratio <= 1:
         raise SipaError(f"sipa score: --exit-ratio must be in [0, 1], got {ratio}")
-    cost = exit_cost(net, (3, size, size), bits=args.bits, main_uniform_sparsity=args.uniform_sparsity)
+    cost = exit_cost(net, (3, size, size), bits=bit_widths(args, model), main_uniform_sparsity=args.uniform_sparsity)
     s = cost.summary(ratio)
     s.update(arch=name, exit_position=net.position, exit_bytes=cost.exit_bytes, exit_ops=cost.exit_ops,
              path_ops=cost.path_ops, full_ops=cost.full_ops)
@@ -96,7 +121,7 @@ def _score_with_exit(args, model, record, size, name) -> int:
         print(json.dumps(s, indent=2))
         return 0
     print("\n".join([
-        f"model           {name} + exit after block {net.position} (input {size}x{size}, {s['bits']}-bit values)",
+        f"model           {name} + exit after block {net.position} (input {size}x{size}, {cost.widths.label()})",
         f"parameters      {s['params_mb']:.6f} MB (main {cost.main_bytes / 1e6:.6f} + exit {cost.exit_bytes / 1e6:.6f})",
         f"math ops        {_fmt(s['ops'])} expected at exit ratio {ratio:.4f} (path {_fmt(cost.path_ops)} + exit "
         f"{_fmt(cost.exit_ops)}; full {_fmt(cost.full_ops)})",
@@ -137,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", help="registered architecture name (see `sipa archs`) or an architecture .yaml")
     s.add_argument("--checkpoint", help="sipa checkpoint (holds its architecture) or a state_dict with --arch")
     s.add_argument("--bits", type=int, default=16, help="bits per value: 16 = the freebie (default), 32, or fewer")
+    s.add_argument("--weight-bits", type=int, default=None, metavar="W", help="weight width (default: --bits)")
+    s.add_argument("--act-bits", type=int, default=None, metavar="A", help="activation width (default: --bits)")
+    s.add_argument("--add-bits", type=int, default=32, metavar="B", help="accumulator width (default 32)")
+    s.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W[:A]",
+                   help="widths of the layers a module-name pattern covers, e.g. stem=8 classifier=8:8 (repeatable)")
     s.add_argument("--uniform-sparsity", type=float, default=None, metavar="S",
                    help="count as if every weight tensor (ndim > 1) had sparsity S (planning estimate)")
     s.add_argument("--num-classes", type=int, default=None, help="override the architecture's class count")

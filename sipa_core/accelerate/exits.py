@@ -18,7 +18,7 @@ from torch import nn
 
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import make_activation
-from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, count, expected_ops
+from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, BitWidths, count, expected_ops
 
 LOSSES = ("softsmoothing", "cross_entropy")
 
@@ -145,7 +145,7 @@ class ExitCost:
     full_adds: float
     path_adds: float
     exit_adds: float
-    bits: int
+    widths: BitWidths
 
     def summary(self, ratio: float) -> dict:
         ops = expected_ops(self.full_ops, [(self.path_ops, self.exit_ops, ratio)])
@@ -153,12 +153,13 @@ class ExitCost:
         adds = expected_ops(self.full_adds, [(self.path_adds, self.exit_adds, ratio)])
         params_bytes = self.main_bytes + self.exit_bytes
         return {"params": params_bytes / 4, "params_mb": params_bytes / 1e6, "params_bytes": params_bytes,
-                "ops": ops, "mults": mults, "adds": adds, "bits": self.bits,
+                "ops": ops, "mults": mults, "adds": adds, "weight_bits": self.widths.weight,
+                "act_bits": self.widths.act, "add_bits": self.widths.add,
                 "params_score": params_bytes / REFERENCE_BYTES, "ops_score": ops / REFERENCE_OPS,
                 "score": params_bytes / REFERENCE_BYTES + ops / REFERENCE_OPS, "exit_ratio": ratio}
 
 
-def exit_cost(net: EarlyExitNetwork, input_shape, bits: int = 16, main_uniform_sparsity: float | None = None,
+def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16, main_uniform_sparsity: float | None = None,
               exit_uniform_sparsity: float | None = None) -> ExitCost:
     """Count the main network (with its per-block cumulative costs) and the exit module once;
     the cost at any exit ratio follows without counting again."""
@@ -170,7 +171,7 @@ def exit_cost(net: EarlyExitNetwork, input_shape, bits: int = 16, main_uniform_s
     ms = main.summary()
     es = ex.summary()
     return ExitCost(ms["params_bytes"], es["params_bytes"], ms["ops"], block.ops, es["ops"],
-                    ms["mults"], block.mults, es["mults"], ms["adds"], block.adds, es["adds"], bits)
+                    ms["mults"], block.mults, es["mults"], ms["adds"], block.adds, es["adds"], main.widths)
 
 
 def risk_coverage(logits: torch.Tensor, labels: torch.Tensor, points: int = 100):

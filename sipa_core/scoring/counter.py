@@ -19,11 +19,15 @@ Rules, per example:
   differences 1 add per output element; mean / average pooling of r values:
   r - 1 adds + 1 mult per output; max pooling r - 1 adds (comparisons);
   upsampling, padding, concatenation and reshapes are free;
-* parameters: every value at ``bits`` bits (16 = the freebie for a model
-  without quantization); a tensor of more than one dimension with zeros
-  costs its nonzeros plus a 1-bit mask of its full shape; biases stay dense;
-* multiplies scale by bits/32 (the 16-bit freebie halves them); additions
-  always count at 32 bits (accumulators).
+* bit widths (``scoring.bits.BitWidths``; a plain ``bits`` = every weight
+  and activation at that width, 16 being the freebie): every parameter
+  value at its layer's weight width (biases and folded BatchNorm values
+  too, as in the official counter); a tensor of more than one dimension
+  with zeros costs its nonzeros plus a 1-bit mask of its full shape (where
+  that is cheaper than dense); biases stay dense;
+* a multiplication costs mul_bits / 32: the wider of weight and activation
+  width for a convolution or matrix product, the activation width for an
+  elementwise one; every addition costs add_bits / 32 (32: accumulators).
 
 Operations whose inputs are all parameters or buffers (a mask applied to a
 weight, a transpose of a weight) are precomputable and cost nothing.
@@ -39,6 +43,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sipa_core.errors import SipaError
+from sipa_core.scoring.bits import BitWidths
 
 # Reference network (WideResNet-28-10) the scores are normalised by.
 REFERENCE_PARAMS = 36.5e6
@@ -75,6 +80,7 @@ class OpCost:
     adds: float
     out_shape: tuple
     density: float = 1.0
+    mul_bits: int = 32  # width of the multiplications' inputs
 
 
 @dataclass
@@ -99,17 +105,19 @@ class BlockCost:
     ops: float
 
 
+def ops_of(ops: list[OpCost], add_bits: int) -> float:
+    """32-bit-equivalent math ops of counted operations: each multiply at its
+    mul_bits / 32, each addition at add_bits / 32."""
+    return sum(o.mults * o.mul_bits for o in ops) / 32 + sum(o.adds for o in ops) * add_bits / 32
+
+
 @dataclass
 class CountResult:
-    bits: int
+    widths: BitWidths
     input_shape: tuple
     ops_list: list[OpCost]
     tensors: list[TensorCost]
     blocks: list[BlockCost] = field(default_factory=list)
-
-    @property
-    def mult_scale(self) -> float:
-        return min(self.bits, 32) / 32
 
     @property
     def mults(self) -> float:
@@ -123,13 +131,9 @@ class CountResult:
     def params_bytes(self) -> float:
         return sum(t.bytes for t in self.tensors)
 
-    def ops_of(self, mults: float, adds: float) -> float:
-        """32-bit-equivalent math ops of a (mults, adds) pair at this bit width."""
-        return mults * self.mult_scale + adds
-
     @property
     def ops(self) -> float:
-        return self.ops_of(self.mults, self.adds)
+        return ops_of(self.ops_list, self.widths.add)
 
     def summary(self) -> dict:
         """The flat keys every stage writes into metrics/<stage>.json."""
@@ -145,7 +149,9 @@ class CountResult:
             "ops": ops,
             "mults": self.mults,
             "adds": self.adds,
-            "bits": self.bits,
+            "weight_bits": self.widths.weight,
+            "act_bits": self.widths.act,
+            "add_bits": self.widths.add,
             "weight_sparsity": zeros / numel if numel else 0.0,
             "params_score": params_score,
             "ops_score": ops_score,
@@ -161,6 +167,7 @@ class CountResult:
     def layer_table(self) -> list[dict]:
         """Cost per module, in execution order (rows merge ops of one module)."""
         rows: dict[str, dict] = {}
+        members: dict[str, list[OpCost]] = {}
         for o in self.ops_list:
             row = rows.setdefault(o.module, {"module": o.module, "ops": [], "mults": 0.0, "adds": 0.0,
                                              "out_shape": o.out_shape})
@@ -169,6 +176,7 @@ class CountResult:
             row["mults"] += o.mults
             row["adds"] += o.adds
             row["out_shape"] = o.out_shape
+            members.setdefault(o.module, []).append(o)
         params = {}
         for t in self.tensors:
             owner = t.name.rsplit(".", 1)[0] if "." in t.name else ""
@@ -177,7 +185,7 @@ class CountResult:
         for row in rows.values():
             row["ops"] = "+".join(row["ops"])
             row["params_bytes"] = params.pop(row["module"], 0.0)
-            row["total_ops"] = self.ops_of(row["mults"], row["adds"])
+            row["total_ops"] = ops_of(members[row["module"]], self.widths.add)
             out.append(row)
         for owner, b in params.items():  # parameters of modules that ran no counted op
             out.append({"module": owner, "ops": "", "mults": 0.0, "adds": 0.0, "out_shape": (),
@@ -202,9 +210,9 @@ def _numel(t) -> int:
 
 
 class _Counter(TorchDispatchMode):
-    def __init__(self, static: dict[int, str], bits: int, uniform: float | None, module_stack: list[str]):
+    def __init__(self, static: dict[int, str], widths: BitWidths, uniform: float | None, module_stack: list[str]):
         super().__init__()
-        self.bits = bits
+        self.widths = widths
         self.static = dict(static)  # data_ptr -> tensor name, for tensors that do not depend on the input
         self.keep: list[torch.Tensor] = []  # holds tensors whose addresses we remember, so none is reused
         self.uniform = uniform
@@ -217,11 +225,14 @@ class _Counter(TorchDispatchMode):
         return isinstance(t, torch.Tensor) and t.data_ptr() in self.static
 
     def _density(self, w: torch.Tensor) -> float:
-        return weight_density(w, self.bits, self.uniform)
+        name = self.static.get(w.data_ptr(), "")
+        return weight_density(w, self.widths.param_bits(name.rsplit(".", 1)[0]), self.uniform)
 
-    def _record(self, op, mults, adds, out, density=1.0):
+    def _record(self, op, mults, adds, out, density=1.0, weighted=False):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
-        self.ops.append(OpCost(self.stack[-1] if self.stack else "", op, float(mults), float(adds), shape, density))
+        module = self.stack[-1] if self.stack else ""
+        self.ops.append(OpCost(module, op, float(mults), float(adds), shape, density,
+                               self.widths.mul_bits(module, weighted)))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -281,7 +292,7 @@ class _Counter(TorchDispatchMode):
             fan = w.numel() / c_out
             mults = _numel(out) * fan * d
             adds = _numel(out) * (fan * d - 1 + (1 if bias is not None else 0))
-        self._record("conv", mults, adds, out, d)
+        self._record("conv", mults, adds, out, d, weighted=True)
         self._remember_linear(out, bias is not None)
 
     def _matmul(self, name, args, out):
@@ -295,7 +306,7 @@ class _Counter(TorchDispatchMode):
         n_out = _numel(out)
         mults = n_out * k * d
         adds = n_out * (k * d - 1 + (1 if bias is not None else 0))
-        self._record("linear" if weight is not None else "matmul", mults, adds, out, d)
+        self._record("linear" if weight is not None else "matmul", mults, adds, out, d, weighted=weight is not None)
         self._remember_linear(out, bias is not None)
 
     def _batchnorm(self, args, out):
@@ -328,11 +339,12 @@ def weight_density(w: torch.Tensor, bits: int, uniform: float | None = None) -> 
     return d if d < 1 - 1 / bits else 1.0
 
 
-def _tensor_costs(model: nn.Module, bits: int, uniform: float | None, bn_folded: dict[int, str]):
-    value_bytes = bits / 8
+def _tensor_costs(model: nn.Module, widths: BitWidths, uniform: float | None, bn_folded: dict[int, str]):
     costs: list[TensorCost] = []
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
+        bits = widths.param_bits(mod_name)
+        value_bytes = bits / 8
         if isinstance(module, _BN_TYPES):
             c = module.num_features
             ref = module.running_mean if module.running_mean is not None else module.weight
@@ -366,10 +378,8 @@ def _default_boundaries(model: nn.Module) -> list[str]:
     return []
 
 
-def _checked_shape(input_shape, bits, uniform_sparsity) -> tuple[int, ...]:
+def _checked_shape(input_shape, uniform_sparsity) -> tuple[int, ...]:
     """The (1, C, H, W) input shape, after checking the counting options."""
-    if not isinstance(bits, int) or not 1 <= bits <= 32:
-        raise SipaError(f"bits must be an integer from 1 to 32, got {bits!r}")
     if uniform_sparsity is not None and not 0 <= uniform_sparsity < 1:
         raise SipaError(f"uniform sparsity must be in [0, 1), got {uniform_sparsity}")
     shape = tuple(int(s) for s in input_shape)
@@ -380,17 +390,19 @@ def _checked_shape(input_shape, bits, uniform_sparsity) -> tuple[int, ...]:
     return shape
 
 
-def count(model: nn.Module, input_shape=(3, 32, 32), bits: int = 16, uniform_sparsity: float | None = None,
-          boundaries: list[str] | None = None) -> CountResult:
+def count(model: nn.Module, input_shape=(3, 32, 32), bits: int | BitWidths = 16,
+          uniform_sparsity: float | None = None, boundaries: list[str] | None = None) -> CountResult:
     """Count a module's MicroNet parameters and math ops for one example.
 
     ``input_shape`` is (C, H, W) or (1, C, H, W) of the data the model is fed
-    (before any upsampling inside it). ``uniform_sparsity`` counts every
+    (before any upsampling inside it). ``bits``: one width for every weight and
+    activation (16: the freebie), or per-layer ``BitWidths``. ``uniform_sparsity`` counts every
     tensor of more than one dimension as if it had that sparsity (the
     authors' planning estimate). ``boundaries`` names the modules whose ends
     get a cumulative cost (default: the model's blocks).
     """
-    shape = _checked_shape(input_shape, bits, uniform_sparsity)
+    widths = BitWidths.of(bits)
+    shape = _checked_shape(input_shape, uniform_sparsity)
     boundaries = _default_boundaries(model) if boundaries is None else list(boundaries)
     modules = dict(model.named_modules())
     missing = [b for b in boundaries if b not in modules]
@@ -400,7 +412,7 @@ def count(model: nn.Module, input_shape=(3, 32, 32), bits: int = 16, uniform_spa
     static = {t.data_ptr(): n for n, t in list(model.named_parameters()) + list(model.named_buffers())
               if t.numel()}
     stack: list[str] = []
-    counter = _Counter(static, bits, uniform_sparsity, stack)
+    counter = _Counter(static, widths, uniform_sparsity, stack)
     blocks: list[BlockCost] = []
     handles = []
 
@@ -413,7 +425,7 @@ def count(model: nn.Module, input_shape=(3, 32, 32), bits: int = 16, uniform_spa
             if name in boundaries:
                 m = sum(o.mults for o in counter.ops)
                 a = sum(o.adds for o in counter.ops)
-                blocks.append(BlockCost(name, m, a, m * min(bits, 32) / 32 + a))
+                blocks.append(BlockCost(name, m, a, ops_of(counter.ops, widths.add)))
         return hook
 
     for name, mod in modules.items():
@@ -434,8 +446,8 @@ def count(model: nn.Module, input_shape=(3, 32, 32), bits: int = 16, uniform_spa
         for h in handles:
             h.remove()
         model.train(was_training)
-    tensors = _tensor_costs(model, bits, uniform_sparsity, counter.bn_folded)
-    return CountResult(bits, shape, counter.ops, tensors, blocks)
+    tensors = _tensor_costs(model, widths, uniform_sparsity, counter.bn_folded)
+    return CountResult(widths, shape, counter.ops, tensors, blocks)
 
 
 def expected_ops(full_ops: float, exits) -> float:

@@ -1,0 +1,97 @@
+"""The bit widths the MicroNet counter charges, per layer.
+
+The official rules: a parameter costs its own bit width (plus the 1-bit mask
+of a sparse tensor); a multiplication costs mul_bits / 32, where mul_bits is
+the width of its inputs (the wider of weight and activation for a
+convolution or a matrix product, the activation width for an elementwise
+product: activation functions, the SE gate, pooling's division); an
+addition costs add_bits / 32 (the accumulator, 32 unless the model really
+accumulates narrower). The 16-bit freebie is the same rule with every
+weight and activation at 16 bits.
+
+Layers are named by module-name patterns (``fnmatch``; a pattern also
+covers every module under it: ``stem`` matches ``stem.0``), first match wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from sipa_core.errors import SipaError
+
+
+def _check_width(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 32:
+        raise SipaError(f"{what} must be an integer from 1 to 32, got {value!r}")
+    return value
+
+
+def module_matches(pattern: str, module: str) -> bool:
+    """``pattern`` names ``module`` or a module it lies under."""
+    return fnmatchcase(module, pattern) or fnmatchcase(module, pattern + ".*")
+
+
+@dataclass(frozen=True)
+class BitWidths:
+    """Default weight and activation widths, the accumulator width, and per-layer
+    overrides ``((pattern, weight bits, act bits), ...)``."""
+
+    weight: int = 16
+    act: int = 16
+    add: int = 32
+    overrides: tuple[tuple[str, int, int], ...] = ()
+
+    def __post_init__(self):
+        _check_width(self.weight, "weight bits")
+        _check_width(self.act, "activation bits")
+        _check_width(self.add, "addition (accumulator) bits")
+        for pattern, w, a in self.overrides:
+            _check_width(w, f"weight bits of {pattern!r}")
+            _check_width(a, f"activation bits of {pattern!r}")
+
+    @classmethod
+    def uniform(cls, bits: int) -> BitWidths:
+        """Every weight and activation at ``bits`` (16: the freebie), 32-bit accumulation."""
+        return cls(_check_width(bits, "bits"), bits, 32)
+
+    @classmethod
+    def of(cls, bits: int | BitWidths) -> BitWidths:
+        return bits if isinstance(bits, BitWidths) else cls.uniform(bits)
+
+    def layer(self, module: str) -> tuple[int, int]:
+        """(weight bits, activation bits) of the layer ``module`` belongs to."""
+        for pattern, w, a in self.overrides:
+            if module_matches(pattern, module):
+                return w, a
+        return self.weight, self.act
+
+    def param_bits(self, module: str) -> int:
+        return self.layer(module)[0]
+
+    def mul_bits(self, module: str, weighted: bool) -> int:
+        """Width of a multiplication's inputs: the wider of weight and activation for a
+        product with a weight, the activation width for an elementwise product."""
+        w, a = self.layer(module)
+        return max(w, a) if weighted else a
+
+    def unmatched(self, modules) -> list[str]:
+        """Override patterns that name none of ``modules``."""
+        names = list(modules)
+        return [p for p, _, _ in self.overrides if not any(module_matches(p, m) for m in names)]
+
+    def label(self) -> str:
+        """``W4A4``, ``W4A4 (stem, classifier: W8A8)``; ``+ add 16`` when the accumulator is narrower."""
+        text = f"W{self.weight}A{self.act}"
+        if self.overrides:
+            text += " (" + "; ".join(f"{p}: W{w}A{a}" for p, w, a in self.overrides) + ")"
+        return text + (f" + add {self.add}" if self.add != 32 else "")
+
+    def as_dict(self) -> dict:
+        return {"weight": self.weight, "act": self.act, "add": self.add,
+                "overrides": [[p, w, a] for p, w, a in self.overrides]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BitWidths:
+        return cls(int(d["weight"]), int(d["act"]), int(d.get("add", 32)),
+                   tuple((str(p), int(w), int(a)) for p, w, a in d.get("overrides", [])))
