@@ -40,7 +40,7 @@ def format_report(result, name: str, layers: bool) -> str:
     return "\n".join(lines)
 
 
-def bit_widths(args, model) -> "BitWidths":
+def bit_widths(args, model):
     """The counted widths from --bits/--weight-bits/--act-bits/--add-bits/--layer-bits; a
     --layer-bits pattern that names no module of ``model`` is an error."""
     from sipa_core.scoring import BitWidths
