@@ -124,10 +124,11 @@ class EfficientNet(nn.Module):
     def reset_parameters(self):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                # He normal over fan-out per group (the EfficientNet reference's rule). torch's
-                # kaiming_normal_(mode="fan_out") counts every output channel of a depthwise conv
-                # as fan-out, which started depthwise weights ~sqrt(channels) times too small and
-                # cost about 3 pp at short budgets (benchmarks/accuracy_parity.py --ablation).
+                # He normal over fan-out per group: the EfficientNet reference's rule (a depthwise
+                # kxk filter starts at std sqrt(2/k^2)). torch's kaiming_normal_(mode="fan_out"),
+                # used before, counts every output channel of a depthwise conv, starting those
+                # weights ~sqrt(channels) times smaller. At short budgets neither is best:
+                # README "Engine parity" has the measurements (PyTorch's default init did better).
                 kh, kw = m.kernel_size
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (kh * kw * m.out_channels // m.groups)))
                 if m.bias is not None:
