@@ -131,11 +131,11 @@ def _loss_claim(m: dict) -> tuple:
     ss, ce = m.get("aurc_softsmoothing"), m.get("aurc_cross_entropy")
     if ss is None or ce is None:
         return claim, "one loss only (accelerate.compare_loss: false)", None
-    own = "cross_entropy" if "softsmoothing_exit_ratio" in m else "softsmoothing"
-    ratios = {own: m.get("exit_ratio"), **{k[:-len("_exit_ratio")]: v for k, v in m.items()
-                                           if k.endswith("_exit_ratio") and k != "val_exit_ratio"}}
-    accs = {own: m.get("accuracy"), **{k[:-len("_accuracy")]: v for k, v in m.items()
-                                       if k in ("softsmoothing_accuracy", "cross_entropy_accuracy")}}
+    # The chosen loss's exit is the stage's own keys; the compared one's carry its name.
+    own, other = (("cross_entropy", "softsmoothing") if "softsmoothing_exit_ratio" in m
+                  else ("softsmoothing", "cross_entropy"))
+    ratios = {own: m.get("exit_ratio"), other: m.get(f"{other}_exit_ratio")}
+    accs = {own: m.get("accuracy"), other: m.get(f"{other}_accuracy")}
     r_ss, r_ce = ratios.get("softsmoothing"), ratios.get("cross_entropy")
     fmt = lambda r, a: "no threshold meets the target" if r is None else f"{r:.1%} out, test {a:.2%}"  # noqa: E731
     figures = (f"AURC {ss:.4f} against {ce:.4f}; at the validation target: softsmoothing "
