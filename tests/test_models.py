@@ -115,17 +115,36 @@ def test_impossible_shapes_are_clear_errors():
         efficientnet_spec(["r1_k3_s1_e1_i8_o8"], width=0)
 
 
-def test_conv_init_is_he_normal_over_fan_out_per_group():
-    """Depthwise convs start at the scale of a 3x3 single-channel filter (std sqrt(2/9)), not
-    divided again by their channel count (what torch's kaiming_normal_(mode="fan_out") does)."""
-    torch.manual_seed(0)
-    model = create_model("sipa_baseline")
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    depthwise = [m for m in convs.values() if m.groups == m.in_channels > 1]
-    pointwise = [m for m in convs.values() if m.kernel_size == (1, 1) and m.groups == 1 and m.out_channels >= 64]
+def _convs(model):
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups == m.in_channels > 1]
+    pointwise = [m for m in convs if m.kernel_size == (1, 1) and m.groups == 1 and m.out_channels >= 64]
     assert depthwise and pointwise
+    return depthwise, pointwise
+
+
+def test_init_rule_efficientnet_is_he_normal_over_fan_out_per_group():
+    """``init: efficientnet``: depthwise convs start at the scale of a 3x3 single-channel filter
+    (std sqrt(2/9)), not divided again by their channel count."""
+    torch.manual_seed(0)
+    depthwise, pointwise = _convs(create_model("sipa_baseline", init="efficientnet"))
     for conv in depthwise:
         kh, kw = conv.kernel_size
         assert conv.weight.std().item() == pytest.approx((2 / (kh * kw)) ** 0.5, rel=0.25), conv
     for conv in pointwise:
         assert conv.weight.std().item() == pytest.approx((2 / conv.out_channels) ** 0.5, rel=0.25), conv
+
+
+def test_default_init_is_pytorchs_and_the_rule_is_a_checked_spec_key():
+    """The default (``init: pytorch``) is each layer's own reset_parameters: kaiming_uniform with
+    a=sqrt(5), i.e. uniform over +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)."""
+    torch.manual_seed(0)
+    model = create_model("sipa_baseline")
+    assert model.spec["init"] == "pytorch"
+    depthwise, pointwise = _convs(model)
+    for conv in depthwise + pointwise:
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.abs().max().item() <= 1 / fan_in ** 0.5 + 1e-6
+        assert conv.weight.std().item() == pytest.approx((1 / (3 * fan_in)) ** 0.5, rel=0.25), conv
+    with pytest.raises(SipaError, match="init must be one of pytorch, efficientnet"):
+        efficientnet_spec(["r1_k3_s1_e1_i8_o8"], init="xavier")
