@@ -68,6 +68,16 @@ def load_model(path, arch: dict | str | None = None) -> tuple[nn.Module, dict]:
             raise SipaError(f"{path}: a bare state_dict needs an architecture (--arch)")
         arch = obj["arch"]
     model = create_model(arch)
+    quant = obj.get("quant") if isinstance(obj, dict) else None
+    if quant:  # a quantized checkpoint: BatchNorm folded, Brevitas layers at its widths
+        from sipa_core.quantize.qat import quantized_structure
+
+        try:
+            quantized_structure(model, quant)
+            model.load_state_dict(state, strict=True)  # Brevitas restores its lazily made scales itself
+        except (SipaError, RuntimeError) as err:
+            raise SipaError(f"{path}: quantized checkpoint does not load: {str(err).splitlines()[0]}") from None
+        return model, obj
     fit_state_dict(model, state, path, model.spec.get("name") or model.spec["family"])
     return model, obj if isinstance(obj, dict) else {}
 

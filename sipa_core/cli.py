@@ -45,6 +45,8 @@ def bit_widths(args, model):
     --layer-bits pattern that names no module of ``model`` is an error."""
     from sipa_core.scoring import BitWidths
 
+    if getattr(args, "checkpoint_widths", None) is not None:
+        return args.checkpoint_widths
     overrides = []
     for item in args.layer_bits:
         pattern, _, widths = item.partition("=")
@@ -78,6 +80,8 @@ def cmd_score(args) -> int:
     if args.checkpoint:
         model, meta = load_model(args.checkpoint, spec)
         exit_record = meta.get("exit") if isinstance(meta.get("exit"), dict) else None
+        if meta.get("quant"):
+            model = _counted_at_own_widths(args, model, meta["quant"])
     else:
         model = create_model(spec)
     size = args.input_size or model.spec.get("image_size", 32)
@@ -98,13 +102,35 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _counted_at_own_widths(args, model, quant: dict):
+    """A quantized checkpoint is counted at the widths it was trained at, on its quantized
+    values (the float twin); width options would contradict it."""
+    from sipa_core.quantize.qat import float_twin
+    from sipa_core.scoring import BitWidths
+
+    given = [flag for flag, on in (("--bits", args.bits != 16), ("--weight-bits", args.weight_bits is not None),
+                                   ("--act-bits", args.act_bits is not None), ("--add-bits", args.add_bits != 32),
+                                   ("--layer-bits", bool(args.layer_bits))) if on]
+    if given:
+        raise SipaError(f"sipa score: {args.checkpoint} is quantized ({quant.get('label')}) and is counted at its "
+                        f"own widths; drop {given[0]}")
+    args.checkpoint_widths = BitWidths.from_dict(quant["widths"])
+    args.checkpoint_quant = quant
+    return float_twin(model)
+
+
 def _score_with_exit(args, model, record, size, name) -> int:
     """A network with an early exit: parameters of both, expected ops at the exit ratio.
     ``--uniform-sparsity`` applies to the main network (the exit is counted as it is)."""
     from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost, from_record
 
+    quant = getattr(args, "checkpoint_quant", None)
     if record is not None and args.exit_after is None:
-        net = from_record(model, record, args.checkpoint)
+        net = from_record(model, record, args.checkpoint, quant=quant)
+        if quant:
+            from sipa_core.quantize.qat import float_twin
+
+            net.exit = float_twin(net.exit)
         ratio = record["exit_ratio"] if args.exit_ratio is None else args.exit_ratio
     else:
         if not hasattr(model, "boundaries"):
@@ -113,7 +139,9 @@ def _score_with_exit(args, model, record, size, name) -> int:
         ratio = 0.0 if args.exit_ratio is None else args.exit_ratio
     if not 0 <= ratio <= 1:
         raise SipaError(f"sipa score: --exit-ratio must be in [0, 1], got {ratio}")
-    cost = exit_cost(net, (3, size, size), bits=bit_widths(args, model), main_uniform_sparsity=args.uniform_sparsity)
+    widths = bit_widths(args, model)
+    cost = exit_cost(net, (3, size, size), bits=widths, main_uniform_sparsity=args.uniform_sparsity,
+                     exit_bits=widths.without_overrides() if quant else None)
     s = cost.summary(ratio)
     s.update(arch=name, exit_position=net.position, exit_bytes=cost.exit_bytes, exit_ops=cost.exit_ops,
              path_ops=cost.path_ops, full_ops=cost.full_ops)

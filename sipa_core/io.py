@@ -139,6 +139,10 @@ def atomic_write_csv(path, rows: list[dict], columns: list[str]) -> Path:
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def atomic_write_bytes(path, data: bytes) -> Path:
+    return _atomic(path, lambda fh: fh.write(data), "wb")
+
+
 def atomic_torch_save(path, obj) -> Path:
     return _atomic(path, lambda fh: torch.save(obj, fh), "wb")
 

@@ -11,11 +11,12 @@ from sipa_core.accelerate.stage import STAGE as ACCELERATE
 from sipa_core.data.prepare import STAGE as PREPARE
 from sipa_core.improve.stage import STAGE as IMPROVE
 from sipa_core.prune.stage import STAGE as PRUNE
+from sipa_core.quantize.stage import STAGE as QUANTIZE
 from sipa_core.report import STAGE as REPORT
 from sipa_core.search.stage import STAGE as SEARCH
 from sipa_core.stage_runner import Stage
 
-STAGES: dict[str, Stage] = {s.name: s for s in (PREPARE, SEARCH, IMPROVE, PRUNE, ACCELERATE, REPORT)}
+STAGES: dict[str, Stage] = {s.name: s for s in (PREPARE, SEARCH, IMPROVE, PRUNE, ACCELERATE, QUANTIZE, REPORT)}
 
 
 def check_params(path: str) -> list[str]:

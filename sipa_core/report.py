@@ -19,8 +19,8 @@ from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.stage_runner import Stage
 
-STAGES = ("search", "improve", "prune", "accelerate")
-STAGE_TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating"}
+STAGES = ("search", "improve", "prune", "accelerate", "quantize")
+STAGE_TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating", "quantize": "Quantizing"}
 
 # The paper's Table 1 (CIFAR-100; parameters and FLOPS as printed there).
 PAPER_ROWS = [
@@ -186,7 +186,8 @@ def _stage_metrics(cfg: dict, params_file: str) -> dict[str, dict]:
 def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dict:
     started = time.time()
     stages = _stage_metrics(cfg, params_file)
-    rows = [{"stage": STAGE_TITLES[s] + (" (chosen on test)" if m.get("chosen_on_test") else ""),
+    rows = [{"stage": STAGE_TITLES[s] + (" (chosen on test)" if m.get("chosen_on_test") else "")
+             + (f" (W{m['weight_bits']}A{m['act_bits']})" if s == "quantize" else ""),
              **{k: m[k] for k in SCORE_KEYS}} for s, m in stages.items()]
     out_rows = rows + ([REFERENCE_ROW] + PAPER_ROWS if cfg["references"] else [])
     atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"]))

@@ -94,8 +94,9 @@ class EarlyExitNetwork(nn.Module):
         return logits, exited
 
 
-def from_record(main: nn.Module, record: dict, path="checkpoint") -> EarlyExitNetwork:
-    """The network a checkpoint's ``exit`` record describes (config + weights)."""
+def from_record(main: nn.Module, record: dict, path="checkpoint", quant: dict | None = None) -> EarlyExitNetwork:
+    """The network a checkpoint's ``exit`` record describes (config + weights); ``quant``: the
+    checkpoint's quantization record (the exit is then built quantized, at the default widths)."""
     from sipa_core.checkpoint import fit_state_dict
 
     cfg = {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio", "loss")}
@@ -103,6 +104,15 @@ def from_record(main: nn.Module, record: dict, path="checkpoint") -> EarlyExitNe
         net = EarlyExitNetwork(main, cfg)
     except (KeyError, TypeError) as err:
         raise SipaError(f"{path}: malformed exit record ({err})") from None
+    if quant:
+        from sipa_core.quantize.qat import quantized_structure
+
+        quantized_structure(net.exit, quant, exit_module=True)
+        try:
+            net.exit.load_state_dict(record["state"], strict=True)  # Brevitas restores its scales itself
+        except RuntimeError as err:
+            raise SipaError(f"{path}: quantized exit does not load: {str(err).splitlines()[0]}") from None
+        return net
     fit_state_dict(net.exit, record["state"], path, "its exit module")
     return net
 
@@ -160,13 +170,14 @@ class ExitCost:
 
 
 def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16, main_uniform_sparsity: float | None = None,
-              exit_uniform_sparsity: float | None = None) -> ExitCost:
+              exit_uniform_sparsity: float | None = None, exit_bits: int | BitWidths | None = None) -> ExitCost:
     """Count the main network (with its per-block cumulative costs) and the exit module once;
-    the cost at any exit ratio follows without counting again."""
+    the cost at any exit ratio follows without counting again. ``exit_bits``: the exit's
+    widths when not ``bits`` (per-layer patterns name main-network layers)."""
     main = count(net.main, input_shape, bits=bits, uniform_sparsity=main_uniform_sparsity)
     block = {b.name: b for b in main.blocks}[f"blocks.{net.position}"]
     cfg = net.exit_cfg
-    ex = count(net.exit, (cfg["channels"], cfg["size"], cfg["size"]), bits=bits,
+    ex = count(net.exit, (cfg["channels"], cfg["size"], cfg["size"]), bits=bits if exit_bits is None else exit_bits,
                uniform_sparsity=exit_uniform_sparsity)
     ms = main.summary()
     es = ex.summary()

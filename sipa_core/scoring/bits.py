@@ -41,11 +41,14 @@ class BitWidths:
     act: int = 16
     add: int = 32
     overrides: tuple[tuple[str, int, int], ...] = ()
+    elementwise: int | None = None  # elementwise products' width when not the activation width
 
     def __post_init__(self):
         _check_width(self.weight, "weight bits")
         _check_width(self.act, "activation bits")
         _check_width(self.add, "addition (accumulator) bits")
+        if self.elementwise is not None:
+            _check_width(self.elementwise, "elementwise product bits")
         for pattern, w, a in self.overrides:
             _check_width(w, f"weight bits of {pattern!r}")
             _check_width(a, f"activation bits of {pattern!r}")
@@ -73,7 +76,9 @@ class BitWidths:
         """Width of a multiplication's inputs: the wider of weight and activation for a
         product with a weight, the activation width for an elementwise product."""
         w, a = self.layer(module)
-        return max(w, a) if weighted else a
+        if weighted:
+            return max(w, a)
+        return self.elementwise if self.elementwise is not None else a
 
     def unmatched(self, modules) -> list[str]:
         """Override patterns that name none of ``modules``."""
@@ -85,13 +90,20 @@ class BitWidths:
         text = f"W{self.weight}A{self.act}"
         if self.overrides:
             text += " (" + "; ".join(f"{p}: W{w}A{a}" for p, w, a in self.overrides) + ")"
+        if self.elementwise is not None:
+            text += f", elementwise {self.elementwise}"
         return text + (f" + add {self.add}" if self.add != 32 else "")
 
     def as_dict(self) -> dict:
         return {"weight": self.weight, "act": self.act, "add": self.add,
-                "overrides": [[p, w, a] for p, w, a in self.overrides]}
+                "overrides": [[p, w, a] for p, w, a in self.overrides], "elementwise": self.elementwise}
 
     @classmethod
     def from_dict(cls, d: dict) -> BitWidths:
         return cls(int(d["weight"]), int(d["act"]), int(d.get("add", 32)),
-                   tuple((str(p), int(w), int(a)) for p, w, a in d.get("overrides", [])))
+                   tuple((str(p), int(w), int(a)) for p, w, a in d.get("overrides", [])),
+                   None if d.get("elementwise") is None else int(d["elementwise"]))
+
+    def without_overrides(self) -> BitWidths:
+        """The default widths only (for a module counted on its own, such as an exit)."""
+        return BitWidths(self.weight, self.act, self.add, (), self.elementwise)

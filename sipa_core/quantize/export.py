@@ -1,0 +1,119 @@
+"""Integer inference: a quantized network exported to ONNX (Brevitas' QCDQ form:
+QuantizeLinear / Clip / DequantizeLinear around every quantized tensor, which
+onnxruntime fuses into integer kernels) and run with onnxruntime.
+
+A network with an exit is exported as two graphs, so that adaptive inference
+really skips work: ``path`` (input -> exit logits and the features at the
+exit) and ``rest`` (those features -> the main network's logits), run only for
+the images whose exit confidence is not above the threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+OPSET = 17
+
+
+class ExitPath(nn.Module):
+    """Input -> (exit logits, features at the exit)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        h = self.net.features(x)
+        return self.net.exit(h), h
+
+
+class Rest(nn.Module):
+    """Features at the exit -> the main network's logits."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, h):
+        return self.net.rest(h)
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[list, list]) -> Path:
+    from brevitas.export import export_onnx_qcdq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx_qcdq(module.eval(), args=example, export_path=str(path), opset_version=OPSET, dynamo=False,
+                     input_names=names[0], output_names=names[1],
+                     dynamic_axes={n: {0: "batch"} for n in names[0] + names[1]})
+    return path
+
+
+@torch.no_grad()
+def export_network(main: nn.Module, net, input_shape, folder: Path) -> dict[str, Path]:
+    """ONNX files of the quantized network: ``full`` always; ``path`` and ``rest`` with an exit."""
+    folder = Path(folder)
+    x = torch.zeros(1, *input_shape)
+    files = {"full": _export(main, x, folder / "full.onnx", (["image"], ["logits"]))}
+    if net is not None:
+        files["path"] = _export(ExitPath(net), x, folder / "path.onnx", (["image"], ["exit_logits", "features"]))
+        h = net.features(x)
+        files["rest"] = _export(Rest(net), h, folder / "rest.onnx", (["features"], ["logits"]))
+    return files
+
+
+def _session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only (Brevitas keeps float biases as graph inputs: a warning per bias)
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class OnnxNetwork:
+    """onnxruntime sessions of an exported network; ``predict`` is adaptive when it has an exit."""
+
+    full: object
+    path: object | None = None
+    rest: object | None = None
+    threshold: float | None = None
+
+    @classmethod
+    def load(cls, files: dict, threshold: float | None = None, threads: int | None = None) -> OnnxNetwork:
+        if "path" in files and threshold is not None:
+            return cls(_session(files["full"], threads), _session(files["path"], threads),
+                       _session(files["rest"], threads), threshold)
+        return cls(_session(files["full"], threads))
+
+    def logits(self, x: np.ndarray, adaptive: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(logits used per image, mask of the images that left at the exit)."""
+        if not adaptive or self.path is None:
+            return self.full.run(None, {"image": x})[0], np.zeros(len(x), dtype=bool)
+        exit_logits, h = self.path.run(None, {"image": x})
+        z = exit_logits - exit_logits.max(1, keepdims=True)
+        conf = (np.exp(z) / np.exp(z).sum(1, keepdims=True)).max(1)
+        exited = conf > self.threshold
+        out = exit_logits.copy()
+        stay = np.flatnonzero(~exited)
+        if len(stay):
+            out[stay] = self.rest.run(None, {"features": h[stay]})[0]
+        return out, exited
+
+
+def onnx_predictions(model: OnnxNetwork, x_uint8: torch.Tensor, mean, std, batch_size: int = 500,
+                     adaptive: bool = True) -> torch.Tensor:
+    """Predicted classes of a uint8 image tensor, by onnxruntime."""
+    from sipa_core.train.evaluation import normalized
+
+    preds = []
+    for i in range(0, len(x_uint8), batch_size):
+        x = normalized(x_uint8[i:i + batch_size], mean, std).numpy()
+        preds.append(torch.from_numpy(model.logits(x, adaptive)[0].argmax(1)))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

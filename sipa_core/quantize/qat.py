@@ -1,0 +1,186 @@
+"""Quantization-aware networks with Brevitas: BatchNorm folded, weights per output
+channel, activations per tensor, straight-through gradients, any bit width.
+
+Brevitas (AMD/Xilinx, maintained) is chosen over torchao and ``torch.ao``:
+it trains at arbitrary widths (4, 6, 8 bits, per layer) with straight-through
+estimators and exports the same modules to ONNX as QuantizeLinear /
+DequantizeLinear pairs that onnxruntime runs in integer arithmetic. torchao
+targets int4/int8 weight-only inference of large models; ``torch.ao`` is
+being retired.
+
+What is quantized: every convolution and linear layer's weight (per output
+channel, symmetric, so a pruned zero stays zero) and its input (per tensor).
+The elementwise products between them (activation functions, the SE gate,
+pooling's division) are not quantized here; ``quantized_widths`` counts them
+at 16 bits, the width the whole network is evaluated at without
+quantization. A layer at 16 bits or more stays floating point.
+
+The module names do not change (a quantized conv is where its float conv
+was), so pruning masks, optimizer state names and the per-layer width
+patterns of ``scoring.bits.BitWidths`` mean the same thing before and after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sipa_core.errors import SipaError
+from sipa_core.models.layers import SameConv2d
+from sipa_core.scoring.bits import BitWidths
+
+FLOAT_BITS = 16  # a layer at this width or wider is left in floating point
+MIN_BITS = 2
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a conv in a Sequential into that
+    conv (which gains a bias); the BatchNorm's slot becomes an Identity, so no
+    module name moves. Returns how many were folded."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                was_training = conv.training
+                fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+                seq._modules[a], seq._modules[b] = fused.train(was_training), nn.Identity()
+                folded += 1
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if left:
+        raise SipaError(f"quantize: BatchNorm {left[0]} does not follow a conv; it cannot be folded")
+    return folded
+
+
+def _quant_classes():
+    import brevitas.nn as qnn
+
+    class QuantSameConv2d(qnn.QuantConv2d):
+        """Brevitas conv with SameConv2d's fixed asymmetric padding (applied before the
+        input quantizer: a padded zero is an exact zero at any width)."""
+
+        extra_pad = None
+
+        def forward(self, x):
+            if self.extra_pad is not None:
+                x = F.pad(x, self.extra_pad)
+            return super().forward(x)
+
+    return qnn, QuantSameConv2d
+
+
+def _quantizers(w_bits: int, a_bits: int) -> dict:
+    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+
+    kw = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=w_bits) if w_bits < FLOAT_BITS \
+        else dict(weight_quant=None)
+    if a_bits < FLOAT_BITS:
+        kw.update(input_quant=Int8ActPerTensorFloat, input_bit_width=a_bits)
+    return kw
+
+
+def _quant_twin(module: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+    """A Brevitas module computing what ``module`` computes, holding the same tensors."""
+    qnn, QuantSameConv2d = _quant_classes()
+    q = _quantizers(w_bits, a_bits)
+    if isinstance(module, nn.Conv2d):
+        cls = QuantSameConv2d if isinstance(module, SameConv2d) else qnn.QuantConv2d
+        twin = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, bias=module.bias is not None, **q)
+        twin.extra_pad = getattr(module, "extra_pad", None)
+    else:
+        twin = qnn.QuantLinear(module.in_features, module.out_features, bias=module.bias is not None, **q)
+    twin.to(module.weight.device)
+    with torch.no_grad():
+        twin.weight.copy_(module.weight)
+        if module.bias is not None:
+            twin.bias.copy_(module.bias)
+    return twin.train(module.training)
+
+
+def check_widths(widths: BitWidths, names) -> None:
+    """Every width QAT can train (2..32) and every override naming a layer."""
+    for what, bits in [("weight_bits", widths.weight), ("act_bits", widths.act)] + [
+            (f"layers {p!r}", min(w, a)) for p, w, a in widths.overrides]:
+        if bits < MIN_BITS:
+            raise SipaError(f"quantize.{what}: {bits} bits cannot be trained (at least {MIN_BITS})")
+    unmatched = widths.unmatched(names)
+    if unmatched:
+        raise SipaError(f"quantize.layers: {unmatched[0]!r} names no layer of the network")
+
+
+def quantize_modules(model: nn.Module, widths: BitWidths, prefix: str = "") -> int:
+    """Replace every Conv2d and Linear of ``model`` by its Brevitas twin at the layer's
+    widths (``widths.layer(prefix + name)``). Run ``fold_batchnorm`` first."""
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        raise SipaError("quantize: fold BatchNorm before quantizing (fold_batchnorm)")
+    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, SameConv2d, nn.Linear)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quant_twin(module, *widths.layer(prefix + name)))
+    return len(targets)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    return any(isinstance(m, QuantWeightBiasInputOutputLayer) for m in model.modules())
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches) -> None:
+    """Set the activation quantizers' scales from a few batches (Brevitas' calibration
+    mode collects statistics and freezes them)."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    was_training = model.training
+    model.eval()
+    with calibration_mode(model):
+        for xb in batches:
+            model(xb)
+    model.train(was_training)
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A plain-PyTorch copy whose weights are the quantized values (what is stored and
+    counted): zeros where the quantized weight is zero. For the scorer."""
+    import copy
+
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    twin = copy.deepcopy(model)
+    for name, m in list(twin.named_modules()):
+        if not isinstance(m, QuantWeightBiasInputOutputLayer):
+            continue
+        if isinstance(m, nn.Conv2d):
+            plain = SameConv2d.__new__(SameConv2d)  # same name, same padding, no quantizer
+            nn.Conv2d.__init__(plain, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                               m.dilation, m.groups, bias=m.bias is not None)
+            plain.extra_pad = getattr(m, "extra_pad", None)
+        else:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with torch.no_grad():
+            plain.weight.copy_(m.quant_weight().value if m.weight_quant.is_quant_enabled else m.weight)
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, plain.to(m.weight.device))
+    return twin.eval()
+
+
+def quantized_structure(model: nn.Module, quant: dict, exit_module: bool = False) -> nn.Module:
+    """Turn a freshly built float network into the structure of a quantized checkpoint
+    (``quant``: its record): BatchNorm folded, layers quantized at the recorded widths
+    (an exit module at the default widths). The weights are loaded after this."""
+    try:
+        widths = BitWidths.from_dict(quant["widths"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SipaError(f"malformed quantization record ({err})") from None
+    fold_batchnorm(model)
+    quantize_modules(model, widths.without_overrides() if exit_module else widths)
+    return model

@@ -1,0 +1,156 @@
+"""The quantizing stage: BatchNorm folding, Brevitas layers at per-layer widths, masks
+kept through QAT, the exit re-calibrated on validation, quantized checkpoints loaded
+and counted at their own widths, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import save_prepared, tiny_data, tiny_model
+from sipa_core.accelerate import accelerate, read_config as accelerate_config
+from sipa_core.checkpoint import load_model, save_model
+from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks, prunable
+from sipa_core.quantize.qat import calibrate, float_twin, fold_batchnorm, quantize_modules
+from sipa_core.quantize.stage import quantize, read_config
+from sipa_core.scoring import BitWidths
+from sipa_core.train import default_recipe, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = dict(n_train=96, n_val=48, n_test=48)
+
+
+def _trained_pruned_tiny():
+    model = tiny_model()
+    data = tiny_data(**DATA)
+    fit(model, data, default_recipe(epochs=3, batch_size=16, lr=0.1), val_split=None, progress=False)
+    masks = magnitude_masks(model, full_masks(model), 0.5, scope="global", normalize="l2")
+    apply_masks(model, masks)
+    return model.cpu().eval(), masks
+
+
+@pytest.fixture(scope="module")
+def accelerated(tmp_path_factory):
+    """A trained tiny network, half its weights pruned, with an exit after block 0: what the
+    accelerate stage hands to the quantize stage."""
+    root = tmp_path_factory.mktemp("acc")
+    model, masks = _trained_pruned_tiny()
+    save_model(root / "prune.pt", model, masks=masks, recipe=default_recipe(batch_size=16, lr=0.1),
+               lineage={"data": {"source": "generated", "seed": 0}, "splits": ["train"]})
+    save_prepared(tiny_data(**DATA), root / "data.pt")
+    acc = {"model": str(root / "prune.pt"), "data": str(root / "data.pt"), "positions": [0], "epochs": 2,
+           "recipe": {"lr": 0.05}, "max_drop": 0.3, "thresholds": [0.3, 0.5, 0.7, 0.9], "allow_no_exit": False,
+           "compare_loss": False, "table_thresholds": [0.5], "out": str(root / "acc.pt"),
+           "state": str(root / "state_acc"), "metrics": str(root / "m_acc.json"), "info": str(root / "i_acc.json"),
+           "table": str(root / "exits.csv"), "risk_coverage": str(root / "rc.csv")}
+    (root / "acc.yaml").write_text(yaml.safe_dump({"accelerate": acc}))
+    accelerate(accelerate_config(root / "acc.yaml"), params_file=str(root / "acc.yaml"), progress=False)
+    return root, acc
+
+
+def _params(tmp_path, root, acc, **quant):
+    cfg = {"model": str(root / "acc.pt"), "data": str(root / "data.pt"), "epochs": 2, "exit_epochs": 1,
+           "recipe": {"batch_size": 16}, "calibration_batches": 2, "compare": ["W4A4"],
+           "out": str(tmp_path / "models/q.pt"), "onnx": str(tmp_path / "models/q_onnx"),
+           "state": str(tmp_path / "state"),
+           "metrics": str(tmp_path / "metrics/q.json"), "info": str(tmp_path / "info/q.json"),
+           "table": str(tmp_path / "plots/q.csv"), **quant}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"quantize": cfg, "accelerate": {k: acc[k] for k in ("thresholds", "max_drop")}}))
+    return path
+
+
+def test_folding_batchnorm_keeps_the_function_and_the_names():
+    model, _ = _trained_pruned_tiny()
+    x = torch.randn(8, 3, 16, 16)
+    ref = model(x)
+    names = {n for n, _ in model.named_parameters() if n.endswith(".weight") and "." in n}
+    assert fold_batchnorm(model) == 7  # stem, head; block 0: dw, project; block 1: expand, dw, project
+    assert torch.allclose(model(x), ref, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    conv_names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {n.rsplit(".", 1)[0] for n in names if n.rsplit(".", 1)[0] in conv_names} == conv_names
+
+
+def test_quantized_layers_take_their_widths_and_keep_zeros():
+    model, masks = _trained_pruned_tiny()
+    fold_batchnorm(model)
+    widths = BitWidths(4, 4, 32, (("stem", 8, 8), ("classifier", 8, 8)))
+    quantize_modules(model, widths)
+    calibrate(model, [torch.randn(16, 3, 16, 16)])
+    q_stem = model.stem[0].quant_weight()
+    q_block = model.blocks[1].project[0].quant_weight()
+    assert q_stem.bit_width.item() == 8 and q_block.bit_width.item() == 4
+    # 4-bit symmetric per output channel: at most 15 distinct values per channel, zeros stay zero
+    per_channel = (q_block.value / q_block.scale).round()
+    assert per_channel.abs().max().item() <= 8
+    for name, keep in masks.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        assert torch.all(module.quant_weight().value[~keep] == 0), name
+    twin = float_twin(model)
+    x = torch.randn(4, 3, 16, 16)
+    assert not any(type(m).__module__.startswith("brevitas") for m in twin.modules())
+    assert twin(x).shape == model.eval()(x).shape
+
+
+def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, accelerated):
+    root, acc = accelerated
+    params = _params(tmp_path, root, acc)
+    m = quantize(read_config(params), params_file=str(params), progress=False)
+    assert m["weight_bits"] == 8 and m["act_bits"] == 8 and m["elementwise_bits"] == 16
+    assert m["sparsity"] >= m["input_sparsity"] > 0.3  # masks kept; rounding may add zeros
+    assert m["exit_kept"] and m["threshold"] in acc["thresholds"]
+    assert m["val_accuracy"] >= m["val_target"] - 1e-9  # the threshold met the target on validation
+    # Integer inference: the exported graphs under onnxruntime, adaptive at the chosen threshold.
+    assert sorted(p.name for p in (tmp_path / "models/q_onnx").iterdir()) == ["full.onnx", "path.onnx", "rest.onnx"]
+    assert abs(m["onnx_accuracy"] - m["accuracy"]) <= 0.003 and m["onnx_agreement"] >= 0.97
+    rows = (tmp_path / "plots/q.csv").read_text().splitlines()
+    assert rows[0].startswith("widths,weight_bits,act_bits") and [r.split(",")[0] for r in rows[1:]] == ["W8A8", "W4A4"]
+    w4 = dict(zip(rows[0].split(","), rows[2].split(",")))
+    assert float(w4["score"]) < m["score"]  # narrower widths count less
+    # The checkpoint loads (weights_only) as the quantized structure and reproduces the figures.
+    main, meta = load_model(tmp_path / "models/q.pt")
+    assert meta["quant"]["widths"]["weight"] == 8
+    out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "score", "--checkpoint",
+                          str(tmp_path / "models/q.pt"), "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["score"] == pytest.approx(m["score"], rel=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "sipa_core.cli", "score", "--checkpoint",
+                          str(tmp_path / "models/q.pt"), "--weight-bits", "4"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "counted at its own widths" in bad.stderr
+    source, _ = load_model(root / "acc.pt")
+    trained = dict(main.named_parameters())
+    for name, p in prunable(source).items():
+        assert torch.all(trained[name][p == 0] == 0), name  # every pruned weight still zero
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"weight_bits": 1}, "quantize.weight_bits"),
+    ({"layers": {"nothing_here": [8, 8]}}, "'nothing_here' names no layer"),
+    ({"layers": {"stem": [8]}}, "quantize.layers"),
+    ({"compare": ["W4"]}, "quantize.compare"),
+    ({"recipe": {"epochs": 3}}, "quantize.recipe"),
+])
+def test_bad_params_exit_2_naming_the_key(tmp_path, accelerated, change, message, run_script):
+    root, acc = accelerated
+    params = _params(tmp_path, root, acc, **change)
+    code, _, err = run_script(ROOT / "stages/quantize.py", "--params", params, cwd=tmp_path)
+    assert code == 2, err
+    assert message in err and str(params) in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "models").exists()
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run_script):
+    root, acc = accelerated
+    params = _params(tmp_path, root, acc, epochs=0, exit_epochs=0, compare=[])
+    quantize(read_config(params), params_file=str(params), progress=False)
+    (tmp_path / "again").mkdir()
+    again = _params(tmp_path / "again", root, acc, model=str(tmp_path / "models/q.pt"))
+    code, _, err = run_script(ROOT / "stages/quantize.py", "--params", again, cwd=tmp_path)
+    assert code == 2 and "is already quantized (W8A8" in err, err
