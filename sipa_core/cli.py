@@ -183,6 +183,27 @@ def cmd_archs(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Every training a params file will run, with the images it processes and an estimated time."""
+    from sipa_core.plan import format_plan, measure_throughput, plan
+
+    if args.throughput is not None and args.throughput <= 0:
+        raise SipaError(f"sipa plan: --throughput must be a positive number of images/s, got {args.throughput}")
+    sizes, rows = plan(args.file)
+    throughput, note = args.throughput, ""
+    if throughput is None and args.measure:
+        throughput = measure_throughput(args.file)
+        note = " (measured here: the improving stage's base recipe, 5 timed steps)"
+    if args.json:
+        print(json.dumps({"data": sizes, "trainings": rows, "throughput": throughput,
+                          "total_images": sum(r["images"] for r in rows),
+                          "estimated_seconds": sum(r["images"] for r in rows) / throughput if throughput else None},
+                         indent=2))
+    else:
+        print(format_plan(sizes, rows, throughput, note))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sipa", description="SIPA: efficient networks under a MicroNet budget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resolved", action="store_true",
                    help="print every training's effective recipe (after presets, inheritance, overrides)")
     c.set_defaults(func=cmd_check_params)
+    pl = sub.add_parser("plan", help="the trainings a params file will run, their images and estimated time")
+    pl.add_argument("file", nargs="?", default="params.yaml")
+    pl.add_argument("--throughput", type=float, default=None, metavar="IMG_PER_S",
+                    help="training images per second to estimate the wall time with")
+    pl.add_argument("--measure", action="store_true",
+                    help="without --throughput: measure it here with a short timed run (the base recipe's network)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=cmd_plan)
     a = sub.add_parser("archs", help="list the registered architectures")
     a.set_defaults(func=cmd_archs)
     return p

@@ -73,4 +73,18 @@ def resolved_trainings(path: str) -> dict[str, dict]:
     if accelerate["exit_stabilize_epochs"]:
         out["accelerate"]["exit stabilisation"] = {"epochs": accelerate["exit_stabilize_epochs"],
                                                    "lr": accelerate["exit_stabilize_lr"], "augment": "crop/flip"}
+    out["quantize"] = quantize_trainings(cfg["quantize"], path)
     return out
+
+
+def quantize_trainings(q: dict, path: str) -> dict:
+    """The quantizing stage's trainings: per width, QAT of the main network, then of the exit."""
+    from sipa_core.quantize.stage import QAT_RECIPE
+    from sipa_core.train.recipe import check_recipe
+
+    recipe = check_recipe({**QAT_RECIPE, **q["recipe"], "epochs": q["epochs"], "seed": q["seed"]}, file=path,
+                          section="quantize.recipe")
+    widths = [q["widths"].label()] + list(q["compare_widths"])
+    return {"widths trained": widths, "main network, each width": recipe,
+            "exit, each width": {**recipe, "epochs": q["exit_epochs"], "label_smoothing": 0.0},
+            "speed keys": "from the input checkpoint (precision, channels_last, device, ...)"}

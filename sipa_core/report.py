@@ -63,17 +63,29 @@ def _fmt_count(n: float | None, unit: str) -> str:
     return f"{n / 1e9:.3f}B" if unit == "B" else f"{n / 1e6:.3f}M"
 
 
-def table_markdown(rows: list[dict], title: str) -> str:
+def _fmt_cost(r: dict) -> str:
+    images, seconds = r.get("train_images"), r.get("wall_time_s")
+    return (f"{'-' if images is None else f'{images / 1e6:.2f}M'} | "
+            f"{'-' if seconds is None else f'{seconds:,.0f} s'}")
+
+
+def table_markdown(rows: list[dict], title: str, cost: dict | None = None) -> str:
     lines = [f"# {title}", "",
-             "| stage | accuracy | parameters (n) | math ops (n) | parameters (s) | math ops (s) | total |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage | accuracy | parameters (n) | math ops (n) | parameters (s) | math ops (s) | total "
+             "| training images | wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2%}"
         lines.append(f"| {r['stage']} | {acc} | {_fmt_count(r['params'], 'M')} | {_fmt_count(r['ops'], 'B')} | "
-                     f"{r['params_score']:.6f} | {r['ops_score']:.6f} | {r['score']:.6f} |")
+                     f"{r['params_score']:.6f} | {r['ops_score']:.6f} | {r['score']:.6f} | {_fmt_cost(r)} |")
+    if cost:
+        lines += ["", f"Pipeline cost: {cost['train_images']:,} training images processed, "
+                      f"{cost['pipeline_wall_time_s']:,.0f} s of stage wall time (prepare included)."]
     lines += ["", "Parameters (n) are 32-bit-equivalent counts (bytes / 4) and math ops (n) 32-bit-equivalent "
               "operations per image, by the MicroNet rules; (s) are normalised by WideResNet-28-10. "
-              "Accuracy is top-1 on this run's test split with 16-bit weights; the paper's rows are CIFAR-100."]
+              "Accuracy is top-1 on this run's test split with 16-bit weights (a quantizing row: at its own "
+              "widths); the paper's rows are CIFAR-100. Training images: every image each stage's trainings "
+              "processed (epochs x images per epoch)."]
     return "\n".join(lines) + "\n"
 
 
@@ -188,9 +200,13 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
     stages = _stage_metrics(cfg, params_file)
     rows = [{"stage": STAGE_TITLES[s] + (" (chosen on test)" if m.get("chosen_on_test") else "")
              + (f" (W{m['weight_bits']}A{m['act_bits']})" if s == "quantize" else ""),
-             **{k: m[k] for k in SCORE_KEYS}} for s, m in stages.items()]
+             **{k: m[k] for k in SCORE_KEYS}, "train_images": m.get("train_images"),
+             "wall_time_s": m.get("wall_time_s")} for s, m in stages.items()]
     out_rows = rows + ([REFERENCE_ROW] + PAPER_ROWS if cfg["references"] else [])
-    atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"]))
+    cost = {"train_images": sum(m.get("train_images") or 0 for m in stages.values()),
+            "pipeline_wall_time_s": round(sum(m.get("wall_time_s", 0) for m in stages.values())
+                                          + _prepare_seconds(cfg["metrics_dir"]), 2)}
+    atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"], cost))
     atomic_write_csv(cfg["table_csv"], rows, ["stage", *SCORE_KEYS])
     atomic_write_text(cfg["claims"], claims_markdown(stages))
     summary = {}
@@ -199,9 +215,7 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
         summary.update({k: final[k] for k in ("accuracy", "score", "params_score", "ops_score")},
                        compression_params=first["params_score"] / final["params_score"],
                        compression_ops=first["ops_score"] / final["ops_score"])
-    summary.update(wall_time_s=round(time.time() - started, 2),
-                   pipeline_wall_time_s=round(sum(s.get("wall_time_s", 0) for s in stages.values())
-                                              + _prepare_seconds(cfg["metrics_dir"]), 2))
+    summary.update(wall_time_s=round(time.time() - started, 2), **cost)
     info = {"final_stage": cfg["stages"][-1] if cfg["stages"] else None,
             "stages": {s: {k: m[k] for k in SCORE_KEYS} for s, m in stages.items()},
             "runs": _stage_info(cfg)}

@@ -28,7 +28,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+_TRAINED: list[tuple[float, int]] = []  # (when, images) per training epoch of this process
+
+
+def record_training(images: int) -> None:
+    """The engine's note of one training epoch and the images it processed."""
+    _TRAINED.append((time.time(), int(images)))
+
+
+def training_cost(since: float) -> dict:
+    """Training images and epochs of this process since ``since`` (a stage's start)."""
+    done = [n for t, n in _TRAINED if t >= since]
+    return {"train_images": sum(done), "train_epochs": len(done)}
+
+
 def provenance(*, seed: int, device: str, started: float) -> dict:
-    """What every metrics file records: seed, device, versions, wall time."""
+    """What every metrics file records: seed, device, versions, wall time, and the training
+    it cost (images processed, epochs run; search trials in Ray workers are not seen here)."""
     return dict(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
-                python=platform.python_version(), wall_time_s=round(time.time() - started, 2))
+                python=platform.python_version(), wall_time_s=round(time.time() - started, 2),
+                **training_cost(started))

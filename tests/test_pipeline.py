@@ -57,11 +57,12 @@ TINY_IMPROVE = dict(candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
 
 TINY_PRUNE = dict(schedule=[0.3, 0.5, 0.6], epochs=1, max_drop=None)
 TINY_ACCELERATE = dict(positions=[2], epochs=1, thresholds=[0.2, 0.4, 0.6, 0.8], max_drop=0.3)
+TINY_QUANTIZE = dict(epochs=1, exit_epochs=1, compare_widths=["W4A4"], calibration_batches=1)
+ALL = {"prepare", "search", "improve", "prune", "accelerate", "quantize", "report"}
 
 
 def stages_run(output: str) -> set[str]:
-    return {name for name in ("prepare", "search", "improve", "prune", "accelerate", "report")
-            if f"Running stage '{name}'" in output}
+    return {name for name in ALL if f"Running stage '{name}'" in output}
 
 
 def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
@@ -73,6 +74,7 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     set_params(path, "improve", **TINY_IMPROVE)
     set_params(path, "prune", **TINY_PRUNE)
     set_params(path, "accelerate", **TINY_ACCELERATE)
+    set_params(path, "quantize", **TINY_QUANTIZE)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
 
@@ -88,7 +90,7 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     log = killed.communicate()[0].decode()
     assert stages_run(log) == {"prepare", "search", "improve"}, log
     first = run(["dvc", "repro"], path, env)
-    assert stages_run(first.stdout) == {"improve", "prune", "accelerate", "report"}, first.stdout
+    assert stages_run(first.stdout) == {"improve", "prune", "accelerate", "quantize", "report"}, first.stdout
     m = json.loads((path / "metrics/prepare.json").read_text())
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (250, 50, 100, 10)
     assert json.loads((path / "metrics/search.json").read_text())["trials"] == 2
@@ -100,17 +102,25 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     assert len((path / "plots/prune_rounds.csv").read_text().splitlines()) == 5
     acc = json.loads((path / "metrics/accelerate.json").read_text())
     assert "exit_ratio" in acc and "threshold" in acc
+    quant = json.loads((path / "metrics/quantize.json").read_text())
+    assert (quant["weight_bits"], quant["act_bits"]) == (8, 8) and quant["sparsity"] >= quant["input_sparsity"]
+    assert abs(quant["onnx_accuracy"] - quant["accuracy"]) <= 0.003
     summary = json.loads((path / "metrics/summary.json").read_text())
-    assert summary["score"] == acc["score"]
-    assert json.loads((path / "info/report.json").read_text())["final_stage"] == "accelerate"
+    assert summary["score"] == quant["score"] and quant["params_score"] < acc["params_score"]
+    assert json.loads((path / "info/report.json").read_text())["final_stage"] == "quantize"
     table = (path / "reports/table1.md").read_text()
     assert "| Pruning |" in table and "WideResNet-28-10" in table and "Accelerating (paper)" in table
-    for name in ("prepare", "search", "improve", "prune", "accelerate", "summary"):
+    assert "| Quantizing (W8A8) |" in table
+    for name in ("prepare", "search", "improve", "prune", "accelerate", "quantize", "summary"):
         metrics = json.loads((path / f"metrics/{name}.json").read_text())
-        assert "wall_time_s" in metrics, name  # metrics files hold numbers; the rest is run information
+        assert "wall_time_s" in metrics and "train_images" in metrics, name  # the stage's cost
+        # metrics files hold numbers; the rest is run information
         assert all(v is None or isinstance(v, (bool, int, float)) for v in metrics.values()), (name, metrics)
         info = json.loads((path / f"info/{'report' if name == 'summary' else name}.json").read_text())
         assert name == "summary" or {"seed", "device", "torch", "python"} <= set(info), (name, info)
+    trained = {n: json.loads((path / f"metrics/{n}.json").read_text())["train_images"] for n in ALL - {"report"}}
+    assert summary["train_images"] == sum(trained.values()) and trained.pop("prepare") == 0
+    assert all(n > 0 for n in trained.values()), trained
     _check_figures(path, env)
 
     again = run(["dvc", "repro"], path, env)
@@ -125,7 +135,7 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     run(["git", "checkout", "--", "."], path, env)
 
     exp = run(["dvc", "exp", "run", "-S", "prune.schedule=[0.4,0.7]"], path, env)
-    assert stages_run(exp.stdout) == {"prune", "accelerate", "report"}
+    assert stages_run(exp.stdout) == {"prune", "accelerate", "quantize", "report"}
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], path, env).stdout)
     assert "metrics/search.json" not in diff and "metrics/improve.json" not in diff
     assert diff["metrics/prune.json"]["sparsity"]["new"] == pytest.approx(0.7, abs=1e-3)
@@ -183,6 +193,7 @@ def _tiny_pipeline(path, cifar10_jpeg):
     set_params(path, "improve", **TINY_IMPROVE)
     set_params(path, "prune", **{**TINY_PRUNE, "schedule": [0.3, 0.5]})
     set_params(path, "accelerate", **TINY_ACCELERATE)
+    set_params(path, "quantize", **TINY_QUANTIZE)
 
 
 def _wait_for_queue(path, env, name, timeout=900) -> str:
@@ -197,9 +208,9 @@ def _wait_for_queue(path, env, name, timeout=900) -> str:
 
 
 def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, cifar10_jpeg):
-    """A change to a file the prune stage imports marks prune (and accelerate, which imports
-    it too) changed, not search or improve; a queued prune-only experiment runs prune,
-    accelerate and report only: search and improve come from the cache."""
+    """A change to a file the prune stage imports marks prune (and accelerate and quantize, which
+    import it too) changed, not search or improve; a queued prune-only experiment runs prune,
+    accelerate, quantize and report only: search and improve come from the cache."""
     path, env = project
     _tiny_pipeline(path, cifar10_jpeg)
     run(["git", "add", "-A"], path, env)
@@ -212,11 +223,11 @@ def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, ci
     original = masks.read_text()
     masks.write_text(original + "\n# touched\n")
     changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
-    assert changed == {"prune", "accelerate"}, changed
+    assert changed == {"prune", "accelerate", "quantize"}, changed
     masks.write_text(original)
     (path / "sipa_core/io.py").write_text((path / "sipa_core/io.py").read_text() + "\n# touched\n")
     changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
-    assert changed == {"prepare", "search", "improve", "prune", "accelerate", "report"}, changed
+    assert changed == ALL, changed
     run(["git", "checkout", "--", "sipa_core/io.py"], path, env)
     assert json.loads(run(["dvc", "status", "--json"], path, env).stdout) == {}
 
@@ -230,7 +241,7 @@ def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, ci
         log = run(["dvc", "queue", "logs", name], path, env).stdout
     finally:
         run(["dvc", "queue", "stop", "--kill"], path, env, check=False)
-    assert stages_run(log) == {"prune", "accelerate", "report"}, log
+    assert stages_run(log) == {"prune", "accelerate", "quantize", "report"}, log
     shown = json.loads(run(["dvc", "exp", "show", "--json"], path, env).stdout)
     assert name in json.dumps(shown)
 
@@ -240,12 +251,14 @@ PROFILE_OVERRIDES = {
     "paper": ["prepare.source=imagefolder", "prepare.val_size=40", "prepare.images_per_class=12",
               "prepare.test_images_per_class=4", "search.recipe={epochs: 1, batch_size: 32, lr: 0.1}",
               "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1", "accelerate.exit_prune_epochs=1",
-              "accelerate.exit_stabilize_epochs=1"],
+              "accelerate.exit_stabilize_epochs=1", "quantize.epochs=1", "quantize.exit_epochs=1"],
     "cpu": ["prepare.val_size=40", "prepare.images_per_class=12", "prepare.test_images_per_class=4",
-            "search.recipe.epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1"],
+            "search.recipe.epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1",
+            "quantize.epochs=1", "quantize.exit_epochs=1"],
     "quick": ["prepare.val_size=40", "prepare.images_per_class=12",  # the shipped CIFAR-10 subset
               "prepare.test_images_per_class=4", "search.max_evals=2", "search.recipe.epochs=1",
-              "improve.trial_epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1"],
+              "improve.trial_epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1",
+              "quantize.epochs=1", "quantize.exit_epochs=1"],
 }
 
 
@@ -261,9 +274,9 @@ def test_each_profile_runs_to_the_end_under_dvc(project, cifar10_jpeg, profile):
     root = [f"prepare.root={cifar10_jpeg}"] if profile != "quick" else []
     sets = [a for s in PROFILE_OVERRIDES[profile] + root for a in ("-S", s)]
     out = run(["dvc", "exp", "run", *sets], path, env)
-    assert stages_run(out.stdout) == {"prepare", "search", "improve", "prune", "accelerate", "report"}
+    assert stages_run(out.stdout) == ALL
     summary = json.loads((path / "metrics/summary.json").read_text())
-    assert json.loads((path / "info/report.json").read_text())["final_stage"] == "accelerate"
+    assert json.loads((path / "info/report.json").read_text())["final_stage"] == "quantize"
     assert summary["score"] > 0 and (path / "reports/claims.md").is_file()
     if profile == "paper":
         prune = json.loads((path / "metrics/prune.json").read_text())

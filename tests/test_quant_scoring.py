@@ -33,8 +33,9 @@ def shapes():
     return model, rows
 
 
-def by_hand(model, rows, w_bits, a_bits, density=1.0, layer=lambda name: None):
-    """(params bytes, 32-bit-equivalent ops) from the rules. ``layer(name)`` -> (W, A) override or None."""
+def by_hand(model, rows, w_bits, a_bits, density=1.0, layer=lambda name: None, elementwise=None):
+    """(params bytes, 32-bit-equivalent ops) from the rules. ``layer(name)`` -> (W, A) override or None;
+    ``elementwise``: the width of the products without a weight, when not the activation width."""
     def widths(name):
         return layer(name) or (w_bits, a_bits)
 
@@ -55,18 +56,19 @@ def by_hand(model, rows, w_bits, a_bits, density=1.0, layer=lambda name: None):
             params_bits += mod.num_features * w
             adds += n_out
         elif isinstance(mod, nn.SiLU):
-            mult_cost += 3 * n_out * a
+            mult_cost += 3 * n_out * (elementwise or a)
             adds += n_out
         elif isinstance(mod, SqueezeExcite):
             c, hw = shape_in[1], shape_in[2] * shape_in[3]
-            mult_cost += c * a + 2 * c * a + n_out * a  # mean's division, sigmoid gate, x * gate
+            e = elementwise or a
+            mult_cost += c * e + 2 * c * e + n_out * e  # mean's division, sigmoid gate, x * gate
             adds += c * (hw - 1) + c  # mean's sums, sigmoid's addition
         elif isinstance(mod, MBConv) and mod.residual:
             adds += n_out
         elif name == "head":  # the global average pool after the head
             c, hw = shape_out[1], shape_out[2] * shape_out[3]
             _, a_root = widths("")
-            mult_cost += c * a_root
+            mult_cost += c * (elementwise or a_root)
             adds += c * (hw - 1)
     return params_bits / 8, mult_cost / 32 + adds
 
@@ -142,3 +144,17 @@ def test_sipa_score_estimates_a_quantized_network(shapes):
                          (["--layer-bits", "stem"], "expected PATTERN=W or PATTERN=W:A")):
         out = subprocess.run(args[:6] + bad, capture_output=True, text=True)
         assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_elementwise_products_at_their_own_width(shapes):
+    """The quantizing stage quantizes conv/linear inputs only: its elementwise products
+    (swish, SE gate, pooling) are counted at 16 bits beside W4A4 layers."""
+    model, rows = shapes
+    params_bytes, ops = by_hand(model, rows, 4, 4, elementwise=16)
+    s = count(model, (3, 32, 32), bits=BitWidths(4, 4, 32, (), 16)).summary()
+    assert params_bytes == s["params_bytes"] and ops == pytest.approx(s["ops"], abs=0.01)
+    plain = count(model, (3, 32, 32), bits=BitWidths(4, 4)).summary()
+    assert s["ops"] > plain["ops"] and s["params_bytes"] == plain["params_bytes"]
+    assert BitWidths(4, 4, 32, (), 16).label() == "W4A4, elementwise 16"
+    with pytest.raises(SipaError, match="elementwise product bits"):
+        BitWidths(4, 4, 32, (), 40)

@@ -54,7 +54,7 @@ def accelerated(tmp_path_factory):
 
 def _params(tmp_path, root, acc, **quant):
     cfg = {"model": str(root / "acc.pt"), "data": str(root / "data.pt"), "epochs": 2, "exit_epochs": 1,
-           "recipe": {"batch_size": 16}, "calibration_batches": 2, "compare": ["W4A4"],
+           "recipe": {"batch_size": 16}, "calibration_batches": 2, "compare_widths": ["W4A4"],
            "out": str(tmp_path / "models/q.pt"), "onnx": str(tmp_path / "models/q_onnx"),
            "state": str(tmp_path / "state"),
            "metrics": str(tmp_path / "metrics/q.json"), "info": str(tmp_path / "info/q.json"),
@@ -133,7 +133,7 @@ def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, acceler
     ({"weight_bits": 1}, "quantize.weight_bits"),
     ({"layers": {"nothing_here": [8, 8]}}, "'nothing_here' names no layer"),
     ({"layers": {"stem": [8]}}, "quantize.layers"),
-    ({"compare": ["W4"]}, "quantize.compare"),
+    ({"compare_widths": ["W4"]}, "quantize.compare_widths"),
     ({"recipe": {"epochs": 3}}, "quantize.recipe"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, accelerated, change, message, run_script):
@@ -148,7 +148,7 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, accelerated, change, message
 
 def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run_script):
     root, acc = accelerated
-    params = _params(tmp_path, root, acc, epochs=0, exit_epochs=0, compare=[])
+    params = _params(tmp_path, root, acc, epochs=0, exit_epochs=0, compare_widths=[])
     quantize(read_config(params), params_file=str(params), progress=False)
     (tmp_path / "again").mkdir()
     again = _params(tmp_path / "again", root, acc, model=str(tmp_path / "models/q.pt"))

@@ -15,7 +15,8 @@ def _metrics(tmp_path, **scores):
     (tmp_path / "metrics").mkdir(exist_ok=True)
     for stage, score in scores.items():
         m = {"accuracy": 0.5, "params": 1e5, "ops": 3e7, "params_score": score / 2, "ops_score": score / 2,
-             "score": score, "seed": 0, "device": "cpu", "torch": "x", "python": "3", "wall_time_s": 10.0}
+             "score": score, "seed": 0, "device": "cpu", "torch": "x", "python": "3", "wall_time_s": 10.0,
+             "train_images": 1000, "weight_bits": 8, "act_bits": 4}
         (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(m))
 
 
@@ -28,8 +29,8 @@ def _params(tmp_path, **cfg):
 
 
 def test_table_and_summary(tmp_path):
-    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005)
-    params = _params(tmp_path)
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005, quantize=0.0025)
+    params = _params(tmp_path, stages=["search", "improve", "prune", "accelerate"])
     s = report(read_config(params), params_file=str(params))
     assert s["final_stage"] == "accelerate" and s["score"] == 0.005
     assert s["compression_params"] == pytest.approx(3.0)
@@ -44,10 +45,16 @@ def test_table_and_summary(tmp_path):
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "Searching", "Improving", "Pruning", "Accelerating", "WideResNet-28-10 (reference)",
         "Searching (paper)", "Improving (paper)", "Pruning (paper)", "Accelerating (paper)"]
-    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 |" in rows
-    assert "0.005798" in rows[-1]
+    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 | 0.00M | 10 s |" in rows
+    assert "0.005798" in rows[-1] and rows[-1].endswith("| - | - |")
+    assert s["train_images"] == 4000 and "Pipeline cost: 4,000 training images processed, 40 s" in "\n".join(table)
+    # The default stages end with the quantized network, its widths in its row's name.
+    params = _params(tmp_path)
+    s = report(read_config(params), params_file=str(params))
+    assert s["final_stage"] == "quantize" and s["score"] == 0.0025
+    assert "| Quantizing (W8A4) | 50.00%" in (tmp_path / "reports/table1.md").read_text()
     csv = (tmp_path / "plots/summary.csv").read_text().splitlines()
-    assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 5
+    assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 6
 
 
 def test_missing_or_broken_metrics_exit_2(tmp_path, run_script):
@@ -65,7 +72,7 @@ def test_missing_or_broken_metrics_exit_2(tmp_path, run_script):
 
 
 def test_a_round_chosen_on_test_is_marked(tmp_path):
-    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005)
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005, quantize=0.0025)
     m = json.loads((tmp_path / "metrics/prune.json").read_text())
     (tmp_path / "metrics/prune.json").write_text(json.dumps({**m, "chosen_on_test": True}))
     params = _params(tmp_path)
@@ -75,7 +82,7 @@ def test_a_round_chosen_on_test_is_marked(tmp_path):
 
 
 def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
-    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005)
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005, quantize=0.0025)
     extra = {"improve": dict(accuracy=0.80, base_accuracy=0.78, params=1e5),
              "prune": dict(accuracy=0.796, weight_sparsity=0.6, accuracy_change=-0.004, params=4e4),
              "accelerate": dict(accuracy=0.790, ops_saving=0.2, accuracy_change=-0.006, exit_ratio=0.4,

@@ -59,7 +59,7 @@ def test_one_registry_serves_the_scripts_and_check_params():
 
 
 def test_each_sipa_stage_is_a_package_with_its_method_and_its_stage():
-    for name in ("search", "improve", "prune", "accelerate"):
+    for name in ("search", "improve", "prune", "accelerate", "quantize"):
         folder = ROOT / "sipa_core" / name
         assert (folder / "stage.py").is_file() and (folder / "__init__.py").is_file(), name
         assert len(list(folder.glob("*.py"))) >= 3, f"sipa_core/{name}: method code beside the stage"

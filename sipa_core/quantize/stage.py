@@ -16,7 +16,7 @@ The score is counted by the MicroNet rules on the quantized values: each
 layer's weights at their width, multiplications at the wider of weight and
 activation width, elementwise products (activation functions, SE gate,
 pooling) at 16 bits because they are not quantized here, additions at
-``add_bits``. ``compare`` trains other widths the same way for the accuracy
+``add_bits``. ``compare_widths`` trains other widths the same way for the accuracy
 against score plot; the checkpoint is the one at ``weight_bits``/``act_bits``.
 """
 
@@ -82,7 +82,7 @@ QUANTIZE_SCHEMA = {
     "exit_epochs": Field(int, 1, min=0, help="QAT epochs of the exit on the frozen quantized network"),
     "recipe": Field(dict, {}, help="overrides of the QAT recipe (QAT_RECIPE)"),
     "calibration_batches": Field(int, 4, min=1, help="training batches that set the activation scales"),
-    "compare": Field(list, ["W4A8", "W4A4"], check=_labels, help="other widths trained for the plot, e.g. [W4A8, W4A4]"),
+    "compare_widths": Field(list, ["W4A8", "W4A4"], check=_labels, help="other widths trained for the plot, e.g. [W4A8, W4A4]"),
     "seed": Field(int, 0, min=0),
     **path_fields("quantize", model=("accelerate", "out"), data=("prepare", "out")),
 }
@@ -164,7 +164,7 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
     main, meta = load_input_model(Path(cfg["model"]), data, f"{where}.model", "accelerate")
     names = [n for n, _ in main.named_modules()]
     try:
-        for widths in [cfg["widths"]] + [widths_of(cfg, *parse_label(label)) for label in cfg["compare"]]:
+        for widths in [cfg["widths"]] + [widths_of(cfg, *parse_label(label)) for label in cfg["compare_widths"]]:
             check_widths(widths, names)
     except SipaError as err:
         raise SipaError(f"{params_file}: {err}") from None
@@ -376,7 +376,7 @@ def quantize(cfg: dict, *, params_file: str = "params.yaml", progress: bool | No
     run = _start(cfg, params_file, progress)
     baseline = input_accuracy(run)
     results = [quantize_network(run, cfg["widths"])]
-    results += [quantize_network(run, widths_of(cfg, *parse_label(label))) for label in cfg["compare"]]
+    results += [quantize_network(run, widths_of(cfg, *parse_label(label))) for label in cfg["compare_widths"]]
     chosen = results[0]
     metrics = {**chosen["summary"], "accuracy": chosen["accuracy"], "val_accuracy": chosen["val_accuracy"],
                "main_accuracy": chosen["main_accuracy"], "input_accuracy": baseline,

@@ -28,7 +28,7 @@ from sipa_core.data.prepare import PreparedData
 from sipa_core.distributed import all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
-from sipa_core.runtime import resolve_device
+from sipa_core.runtime import record_training, resolve_device
 from sipa_core.train.augment import cutmix, make_policy, mixup, normalize, random_crop, random_flip, soft_targets
 from sipa_core.train.evaluation import channel_stats_tensor, evaluate
 from sipa_core.train.optim import build_optimizer
@@ -192,6 +192,7 @@ def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, qu
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    record_training(run.steps_per_epoch * bs)
     return {"epoch": epoch + 1, "lr": lr_used, "train_loss": float(loss_sum) / run.steps_per_epoch,
             "images_per_sec": run.steps_per_epoch * bs / seconds if seconds > 0 else 0.0}
 

@@ -1,0 +1,56 @@
+"""The cost of a run: `sipa plan` before it (trainings, images, estimated time), and the
+training images every stage records after it."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_data, tiny_model
+from sipa_core.runtime import provenance
+from sipa_core.train import default_recipe, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plan(*args):
+    out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "plan", *args], capture_output=True, text=True,
+                         cwd=ROOT)
+    return out
+
+
+def test_plan_of_the_paper_profile_counts_its_trainings():
+    out = _plan("profiles/paper.yaml", "--throughput", "18600", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    # CIFAR-100: 50,000 training images, 5,000 held out for validation; the network sees 63 px.
+    assert plan["data"] == {"classes": 100, "train": 45_000, "val": 5_000, "test": 10_000}
+    rows = {(r["stage"], r["training"].split(" ")[0]): r for r in plan["trainings"]}
+    assert rows[("improve", "final")]["images"] == 1200 * 45_000  # compare_base: false in the paper profile
+    prune = rows[("prune", "11")]
+    assert (prune["runs"], prune["epochs"], prune["images"]) == (11, 600, 11 * 600 * 45_000)
+    assert rows[("accelerate", "exits")]["epochs"] == 800 and all(r["resolution"] == 63 for r in plan["trainings"])
+    assert plan["total_images"] == sum(r["images"] for r in plan["trainings"])
+    assert plan["estimated_seconds"] == pytest.approx(plan["total_images"] / 18600)
+    text = _plan("profiles/paper.yaml", "--throughput", "18600").stdout
+    assert "| prune | 11 rounds | 11 | 600 | 45,000 | 297,000,000 | 63 px | 4.4 h |" in text
+
+
+def test_plan_of_the_quick_profile_and_bad_input():
+    plan = json.loads(_plan("params.yaml", "--json").stdout)
+    assert plan["data"] == {"classes": 10, "train": 2_000, "val": 500, "test": 2_000}
+    assert plan["estimated_seconds"] is None  # no throughput given or measured
+    bad = _plan("params.yaml", "--throughput", "0")
+    assert bad.returncode == 2 and "--throughput must be a positive number" in bad.stderr
+
+
+def test_every_training_epoch_is_counted_for_the_stage_metrics():
+    started = time.time()
+    data = tiny_data(n_train=64)
+    fit(tiny_model(), data, default_recipe(epochs=2, batch_size=16), val_split=None, progress=False)
+    cost = provenance(seed=0, device="cpu", started=started)
+    assert (cost["train_images"], cost["train_epochs"]) == (2 * 64, 2)
+    assert provenance(seed=0, device="cpu", started=time.time())["train_images"] == 0
