@@ -275,6 +275,8 @@ def test_stage_filter_granularity_shrinks_the_network(tmp_path):
     ({"epochs": -1}, "prune.epochs"),
     ({"recipe": {"lr": -1}}, "prune.recipe.lr"),
     ({"sparsity": 0.5}, "prune.sparsity"),
+    ({"method": "gradual", "granularity": "filter"}, "prune.method: gradual prunes weights"),
+    ({"method": "slow"}, "prune.method"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, run_script):
     cfg = {"schedule": [0.5], **change}
@@ -305,3 +307,57 @@ def test_no_silent_fallback_to_test(tmp_path, run_script):
     params = _stage_params(tmp_path, n_val=0, select_split="test", schedule=[0.3], epochs=0)
     m = prune(read_config(params), params_file=str(params), progress=False)
     assert m["select_split"] == "test" and m["chosen_on_test"] is True
+
+
+def test_zhu_gupta_schedule_by_hand():
+    from sipa_core.prune.gradual import zhu_gupta
+
+    # s_t = s_f + (s_i - s_f)(1 - t/T)^3 with s_i = 0, s_f = 0.8, T = 100
+    assert zhu_gupta(0, 100, 0.0, 0.8) == 0.0
+    assert zhu_gupta(50, 100, 0.0, 0.8) == pytest.approx(0.8 - 0.8 * 0.125)
+    assert zhu_gupta(100, 100, 0.0, 0.8) == zhu_gupta(500, 100, 0.0, 0.8) == 0.8
+    values = [zhu_gupta(t, 100, 0.1, 0.8) for t in range(101)]
+    assert all(b >= a for a, b in zip(values, values[1:])) and values[0] == pytest.approx(0.1)
+
+
+def test_gradual_method_prunes_in_one_run_and_resumes(tmp_path, monkeypatch):
+    """One training of epochs + gradual_finetune_epochs reaches the last target; the masks rise on
+    the schedule (checked at every update) and a killed run resumes at its epoch."""
+    from sipa_core.prune import gradual
+
+    seen = []
+    real = gradual.magnitude_masks
+    monkeypatch.setattr(gradual, "magnitude_masks", lambda m, k, t, **kw: seen.append(t) or real(m, k, t, **kw))
+    params = _stage_params(tmp_path, method="gradual", epochs=2, gradual_every=2, gradual_finetune_epochs=1)
+    m = prune(read_config(params), params_file=str(params), progress=False)
+    assert m["rounds"] == 1 and m["chosen_round"] == 1 and m["sparsity"] == pytest.approx(0.7, abs=1e-3)
+    # 96 images, batch 16: 6 steps per epoch, 12 pruning steps, an update every 2 (the last at step 12)
+    assert seen == pytest.approx([0.7 + (0.0 - 0.7) * (1 - t / 12) ** 3 for t in (2, 4, 6, 8, 10, 12)])
+    rows = (tmp_path / "plots/rounds.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].split(",")[11] == "3"  # input + the one run of 3 epochs
+    saved, _ = load_model(tmp_path / "models/prune.pt")
+    assert sparsity(saved) == pytest.approx(0.7, abs=1e-3)
+    assert m["train_images"] == 3 * 96
+
+    # Killed after its first epoch (mid-pruning), run again: it resumes at step 6 with the masks of
+    # its weights, and ends with the weights of the uninterrupted run.
+    import os
+
+    other = tmp_path / "killed"
+    other.mkdir()
+    params_b = _stage_params(other, method="gradual", epochs=2, gradual_every=2, gradual_finetune_epochs=1)
+    env = {**os.environ, "SIPA_FAULT": "epoch:1", "PYTHONPATH": str(ROOT / "tests")}
+    killed = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--params", str(params_b)], env=env,
+                            cwd=other, capture_output=True, text=True)
+    assert killed.returncode == -9 and not (other / "models/prune.pt").exists()
+    again = subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--params", str(params_b)],
+                           cwd=other, capture_output=True, text=True)
+    assert again.returncode == 0 and "resuming after epoch 1/3" in again.stderr, again.stderr
+    whole = tmp_path / "whole"  # the same run uninterrupted, in a process of its own too
+    whole.mkdir()
+    params_c = _stage_params(whole, method="gradual", epochs=2, gradual_every=2, gradual_finetune_epochs=1)
+    assert subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--params", str(params_c)],
+                          cwd=whole, capture_output=True).returncode == 0
+    resumed, uninterrupted = load_model(other / "models/prune.pt")[0], load_model(whole / "models/prune.pt")[0]
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

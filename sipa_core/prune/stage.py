@@ -54,7 +54,11 @@ PRUNE_SCHEMA = {
     "preset": Field(str, None, nullable=True, choices=("paper",), help="paper: the paper's 11-round schedule"),
     "schedule": Field(list, [0.3, 0.5, 0.6], check=_schedule,
                       help="cumulative sparsity targets, one per round (filter: fraction of channels)"),
-    "epochs": Field(int, 2, min=0, help="retraining epochs per round (0: prune only)"),
+    "epochs": Field(int, 2, min=0, help="retraining epochs per round (gradual: the pruning epochs)"),
+    "method": Field(str, "rounds", choices=("rounds", "gradual"),
+                    help="rounds: the paper's prune-retrain rounds; gradual: Zhu-Gupta in one training run"),
+    "gradual_every": Field(int, 10, min=1, help="gradual: optimizer steps between mask updates"),
+    "gradual_finetune_epochs": Field(int, 1, min=0, help="gradual: epochs at the final sparsity after pruning"),
     "retrain": Field(str, "finetune", choices=("finetune", "reinit"),
                      help="finetune: from the current weights; reinit: fresh weights, same masks"),
     "recipe": Field(dict, {"lr": 0.02}, help="overrides of the input checkpoint's training recipe"),
@@ -77,6 +81,9 @@ def read_config(params_path: str | Path) -> dict:
                     why="prune.preset: paper sets the schedule; remove one of the two")
         cfg["schedule"] = list(PAPER_SCHEDULE)
     cfg["schedule"] = [float(v) for v in cfg["schedule"]]
+    if cfg["method"] == "gradual" and cfg["granularity"] != "weight":
+        raise SipaError(f"{params_path}: prune.method: gradual prunes weights (granularity: weight), "
+                        f"not {cfg['granularity']}s")
     # Checked now, completed with the input checkpoint's recipe when the stage runs.
     refuse_keys(cfg["recipe"], ("epochs", "seed"), file=params_path, section="prune.recipe",
                 why="set prune.epochs / prune.seed instead (the stage sets these itself)")
@@ -161,7 +168,9 @@ def _prepare_run(cfg: dict, params_file: str, progress):
     refuse_trained_split(split, lineage, f"{params_file}: prune.select_split", source)
     recipe = check_recipe({**(meta.get("recipe") or {}), **cfg["recipe"], "epochs": cfg["epochs"],
                            "seed": cfg["seed"]}, file=params_file, section="prune.recipe")
-    key_blob = {k: cfg[k] for k in ("granularity", "scope", "normalize", "schedule", "retrain", "seed")}
+    key_blob = {k: cfg[k] for k in ("granularity", "scope", "normalize", "schedule", "retrain", "seed", "method")}
+    if cfg["method"] == "gradual":
+        key_blob.update(every=cfg["gradual_every"], finetune=cfg["gradual_finetune_epochs"])
     key = run_key({**key_blob, "recipe": recipe, "input": file_digest(source), "data": data.source,
                    "splits": lineage["splits"]})
     return PruneRun(cfg, data, split, recipe, Path(cfg["state"]) / key, lineage), model
@@ -208,6 +217,28 @@ def _retrain(run: PruneRun, model, masks: dict, k: int, progress):
     return model.cpu().eval()
 
 
+def _gradual(run: PruneRun, model, progress):
+    """Zhu-Gupta pruning to the schedule's last target in one training run (``epochs`` pruning
+    epochs, then ``gradual_finetune_epochs`` at the final sparsity); masks kept after every step."""
+    from sipa_core.models import create_model
+    from sipa_core.prune.gradual import GradualPruner
+    from sipa_core.prune.masks import sparsity
+    from sipa_core.train import configure_model, fit
+
+    cfg = run.cfg
+    pruner = GradualPruner(sparsity(model), cfg["schedule"][-1], cfg["epochs"], cfg["gradual_every"],
+                           cfg["scope"], cfg["normalize"])
+    recipe = {**run.recipe, "epochs": cfg["epochs"] + cfg["gradual_finetune_epochs"]}
+    trainee = configure_model(create_model(model.spec), recipe)
+    trainee.load_state_dict(model.state_dict())
+    fit(trainee, run.data, recipe, state_path=run.round_dir(1) / "train.pt", val_split=None,
+        train_splits=tuple(run.lineage["splits"]), after_step=pruner, tag="prune-gradual",
+        desc=f"gradual pruning to {cfg['schedule'][-1]:.0%}", progress=progress)
+    model = create_model(trainee.spec)
+    model.load_state_dict(trainee.state_dict())
+    return model.cpu().eval(), pruner.masks or {}
+
+
 def _load_round(saved: dict):
     from sipa_core.models import create_model
 
@@ -223,9 +254,14 @@ def _run_round(run: PruneRun, model, masks: dict, k: int, target: float, progres
     if saved is not None:
         return _load_round(saved), saved["masks"], saved["row"]
     t0 = time.time()
-    masks = _prune_step(run, model, masks, k, target)
-    model = _retrain(run, model, masks, k, progress)
-    row = run.row(model, k, target, filters=not masks, epochs=run.cfg["epochs"])
+    if run.cfg["method"] == "gradual":
+        model, masks = _gradual(run, model, progress)
+        epochs = run.cfg["epochs"] + run.cfg["gradual_finetune_epochs"]
+    else:
+        masks = _prune_step(run, model, masks, k, target)
+        model = _retrain(run, model, masks, k, progress)
+        epochs = run.cfg["epochs"]
+    row = run.row(model, k, target, filters=not masks, epochs=epochs)
     row["seconds"] = round(time.time() - t0, 2)
     keep(run.round_dir(k) / "result.pt", {"arch": dict(model.spec), "model": model.state_dict(), "masks": masks,
                                           "row": row}, ROUND_FORMAT)
@@ -246,7 +282,8 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
     run.ref_test, run.ref_params = input_row["accuracy"], input_row["params"]
     masks = masks_from_zeros(model) if cfg["granularity"] == "weight" else {}
     rows = [input_row]
-    for k, target in enumerate(cfg["schedule"], start=1):
+    schedule = cfg["schedule"][-1:] if cfg["method"] == "gradual" else cfg["schedule"]  # gradual: one run
+    for k, target in enumerate(schedule, start=1):
         model, masks, row = _run_round(run, model, masks, k, target, progress)
         rows.append(row)
     chosen = select_round(rows[1:], input_row["select_accuracy"], cfg["min_accuracy"], cfg["max_drop"])
@@ -265,11 +302,11 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
                    pruned_round=chosen_round, lineage=run.lineage)
     metrics = stage_metrics(final, run.data, seed=cfg["seed"], device=run.recipe["device"], started=started,
                             bits=cfg["bits"], chosen_round=chosen_round, passthrough=chosen is None,
-                            rounds=len(cfg["schedule"]), sparsity=rows[chosen_round]["sparsity"],
+                            rounds=len(schedule), sparsity=rows[chosen_round]["sparsity"],
                             target=rows[chosen_round]["target"], input_accuracy=run.ref_test,
                             select_split=run.split, chosen_on_test=run.split == "test",
                             granularity=cfg["granularity"], scope=cfg["scope"],
-                            normalize=cfg["normalize"], retrain=cfg["retrain"])
+                            normalize=cfg["normalize"], retrain=cfg["retrain"], method=cfg["method"])
     metrics["accuracy_change"] = metrics["accuracy"] - run.ref_test
     metrics["input_score"] = input_row["score"]
     publish_metrics(cfg["metrics"], metrics, cfg["info"])
@@ -285,4 +322,13 @@ def summary(cfg: dict, m: dict) -> str:
             f"(input {m['input_score']:.6f})")
 
 
-STAGE = Stage("prune", __doc__, read_config, prune, summary)
+def inactive(cfg: dict, raw: dict) -> list[str]:
+    """Keys set in the file that the chosen method does not use."""
+    if cfg["method"] == "rounds":
+        return [f"prune.{k}: method is rounds" for k in ("gradual_every", "gradual_finetune_epochs") if k in raw]
+    out = [f"prune.schedule: method gradual prunes to its last target only ({cfg['schedule'][-1]})"] \
+        if len(cfg["schedule"]) > 1 else []
+    return out + (["prune.retrain: method gradual fine-tunes within its one run"] if "retrain" in raw else [])
+
+
+STAGE = Stage("prune", __doc__, read_config, prune, summary, inactive)
