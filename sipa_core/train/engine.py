@@ -131,7 +131,7 @@ def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_split
 
         step_fn = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if recipe["compile"]:
-        step_fn = torch.compile(step_fn)
+        step_fn = torch.compile(step_fn, mode=None if recipe["compile_mode"] == "default" else recipe["compile_mode"])
     run = TrainingRun(recipe, model, step_fn, device, x_train, y_train, steps_per_epoch,
                       slice(rank * bs // world, (rank + 1) * bs // world), rank, world, opt, sched, scaler, gen,
                       policy, channel_stats_tensor(data.mean, device), channel_stats_tensor(data.std, device),

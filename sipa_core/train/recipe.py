@@ -47,6 +47,8 @@ RECIPE_SCHEMA = {
     "precision": Field(str, "fp32", choices=PRECISIONS, help="autocast dtype on the training device"),
     "channels_last": Field(bool, True, help="NHWC memory format (CPU: ~25% faster steps for sipa_baseline_32)"),
     "compile": Field(bool, False, help="torch.compile the training step's model (GPU: faster after warm-up)"),
+    "compile_mode": Field(str, "default", choices=("default", "reduce-overhead", "max-autotune"),
+                          help="with compile: torch.compile's mode (reduce-overhead: CUDA graphs)"),
     "seed": Field(int, 0, min=0),
     "deterministic": Field(bool, True, help="deterministic kernels (same run, same metrics on the CPU)"),
     "device": Field(str, "auto", help="auto | cpu | cuda | cuda:N"),
@@ -55,7 +57,12 @@ RECIPE_SCHEMA = {
 
 def check_recipe(values, *, file="params.yaml", section="recipe") -> dict:
     """The recipe with defaults filled in; errors name ``file: section.key``."""
-    return check_section(values, RECIPE_SCHEMA, file=file, section=section)
+    recipe = check_section(values, RECIPE_SCHEMA, file=file, section=section)
+    if recipe["compile_mode"] != "default" and not recipe["compile"]:
+        from sipa_core.errors import SipaError
+
+        raise SipaError(f"{file}: {section}.compile_mode: {recipe['compile_mode']} needs compile: true")
+    return recipe
 
 
 def default_recipe(**overrides) -> dict:
