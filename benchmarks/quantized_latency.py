@@ -47,8 +47,9 @@ def onnx_runner(onnx: OnnxNetwork, adaptive: bool):
 
 def measure(run, x: torch.Tensor, singles: int, batch: int) -> tuple[float, float]:
     """(median ms for one image, images/s in batches of ``batch``)."""
-    for i in range(5):
+    for i in range(50):  # warm-up: thread pools, allocator, first-call paths
         run(x[i:i + 1])
+    run(x[:batch])
     times = []
     for i in range(singles):
         t0 = time.perf_counter()

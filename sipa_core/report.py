@@ -134,6 +134,10 @@ def _exit_claim(m: dict) -> tuple:
         return claim, "no exit figures recorded", None
     figures = (f"expected ops {-100 * saving:+.1f}% (exit ratio {m.get('exit_ratio') or 0:.1%}), "
                f"test accuracy {_pp(change)} against the main network")
+    if m.get("passthrough"):
+        figures = "no exit kept: " + (f"the best exit's score {m['best_exit_score']:.6f} is above the network's "
+                                      f"own {m['score']:.6f} (chosen on validation)" if m.get("best_exit_score")
+                                      else "no exit meets the validation target")
     ok = saving >= EXIT_MIN_SAVING and change >= -EXIT_MAX_LOSS - 1e-12
     return claim, figures, ok
 
@@ -141,6 +145,8 @@ def _exit_claim(m: dict) -> tuple:
 def _loss_claim(m: dict) -> tuple:
     claim = "Softsmoothing exits beat cross-entropy exits (lower AURC, more images out at the same target)"
     ss, ce = m.get("aurc_softsmoothing"), m.get("aurc_cross_entropy")
+    if m.get("passthrough"):
+        return claim, "no exit kept, so no exit was compared", None
     if ss is None or ce is None:
         return claim, "one loss only (accelerate.compare_loss: false)", None
     # The chosen loss's exit is the stage's own keys; the compared one's carry its name.

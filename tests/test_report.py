@@ -100,3 +100,16 @@ def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
     assert "60.0% of the prunable weights removed (60.0% of the counted parameter bytes)" in rows[2]
     assert "expected ops -20.0% (exit ratio 40.0%), test accuracy -0.60 pp" in rows[3]
     assert "softsmoothing 40.0% out, test 79.00%, cross-entropy 30.0% out, test 78.90%" in rows[4]
+
+
+def test_claims_say_why_no_exit_was_kept(tmp_path):
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.006, quantize=0.004)
+    path = tmp_path / "metrics/accelerate.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "passthrough": True, "ops_saving": 0.0,
+                                "accuracy_change": 0.0, "exit_ratio": 0.0, "best_exit_score": 0.0061}))
+    params = _params(tmp_path)
+    report(read_config(params), params_file=str(params))
+    rows = [line for line in (tmp_path / "reports/claims.md").read_text().splitlines() if line.startswith("| ")]
+    assert "no exit kept: the best exit's score 0.006100 is above the network's own 0.006000" in rows[3]
+    assert rows[3].endswith("| does not hold |")
+    assert "no exit kept, so no exit was compared" in rows[4] and rows[4].endswith("| not measured |")
