@@ -64,7 +64,7 @@ def _fmt_count(n: float | None, unit: str) -> str:
 
 
 def _fmt_cost(r: dict) -> str:
-    images, seconds = r.get("train_images"), r.get("wall_time_s")
+    images, seconds = r.get("images_trained"), r.get("wall_time_s")
     return (f"{'-' if images is None else f'{images / 1e6:.2f}M'} | "
             f"{'-' if seconds is None else f'{seconds:,.0f} s'}")
 
@@ -79,7 +79,7 @@ def table_markdown(rows: list[dict], title: str, cost: dict | None = None) -> st
         lines.append(f"| {r['stage']} | {acc} | {_fmt_count(r['params'], 'M')} | {_fmt_count(r['ops'], 'B')} | "
                      f"{r['params_score']:.6f} | {r['ops_score']:.6f} | {r['score']:.6f} | {_fmt_cost(r)} |")
     if cost:
-        lines += ["", f"Pipeline cost: {cost['train_images']:,} training images processed, "
+        lines += ["", f"Pipeline cost: {cost['images_trained']:,} training images processed, "
                       f"{cost['pipeline_wall_time_s']:,.0f} s of stage wall time (prepare included)."]
     lines += ["", "Parameters (n) are 32-bit-equivalent counts (bytes / 4) and math ops (n) 32-bit-equivalent "
               "operations per image, by the MicroNet rules; (s) are normalised by WideResNet-28-10. "
@@ -206,10 +206,10 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
     stages = _stage_metrics(cfg, params_file)
     rows = [{"stage": STAGE_TITLES[s] + (" (chosen on test)" if m.get("chosen_on_test") else "")
              + (f" (W{m['weight_bits']}A{m['act_bits']})" if s == "quantize" else ""),
-             **{k: m[k] for k in SCORE_KEYS}, "train_images": m.get("train_images"),
+             **{k: m[k] for k in SCORE_KEYS}, "images_trained": m.get("images_trained"),
              "wall_time_s": m.get("wall_time_s")} for s, m in stages.items()]
     out_rows = rows + ([REFERENCE_ROW] + PAPER_ROWS if cfg["references"] else [])
-    cost = {"train_images": sum(m.get("train_images") or 0 for m in stages.values()),
+    cost = {"images_trained": sum(m.get("images_trained") or 0 for m in stages.values()),
             "pipeline_wall_time_s": round(sum(m.get("wall_time_s", 0) for m in stages.values())
                                           + _prepare_seconds(cfg["metrics_dir"]), 2)}
     atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"], cost))

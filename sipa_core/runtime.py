@@ -39,7 +39,7 @@ def record_training(images: int) -> None:
 def training_cost(since: float) -> dict:
     """Training images and epochs of this process since ``since`` (a stage's start)."""
     done = [n for t, n in _TRAINED if t >= since]
-    return {"train_images": sum(done), "train_epochs": len(done)}
+    return {"images_trained": sum(done), "train_epochs": len(done)}
 
 
 def provenance(*, seed: int, device: str, started: float) -> dict:

@@ -113,13 +113,13 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     assert "| Quantizing (W8A8) |" in table
     for name in ("prepare", "search", "improve", "prune", "accelerate", "quantize", "summary"):
         metrics = json.loads((path / f"metrics/{name}.json").read_text())
-        assert "wall_time_s" in metrics and "train_images" in metrics, name  # the stage's cost
+        assert "wall_time_s" in metrics and "images_trained" in metrics, name  # the stage's cost
         # metrics files hold numbers; the rest is run information
         assert all(v is None or isinstance(v, (bool, int, float)) for v in metrics.values()), (name, metrics)
         info = json.loads((path / f"info/{'report' if name == 'summary' else name}.json").read_text())
         assert name == "summary" or {"seed", "device", "torch", "python"} <= set(info), (name, info)
-    trained = {n: json.loads((path / f"metrics/{n}.json").read_text())["train_images"] for n in ALL - {"report"}}
-    assert summary["train_images"] == sum(trained.values()) and trained.pop("prepare") == 0
+    trained = {n: json.loads((path / f"metrics/{n}.json").read_text())["images_trained"] for n in ALL - {"report"}}
+    assert summary["images_trained"] == sum(trained.values()) and trained.pop("prepare") == 0
     assert all(n > 0 for n in trained.values()), trained
     _check_figures(path, env)
 

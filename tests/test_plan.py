@@ -52,5 +52,5 @@ def test_every_training_epoch_is_counted_for_the_stage_metrics():
     data = tiny_data(n_train=64)
     fit(tiny_model(), data, default_recipe(epochs=2, batch_size=16), val_split=None, progress=False)
     cost = provenance(seed=0, device="cpu", started=started)
-    assert (cost["train_images"], cost["train_epochs"]) == (2 * 64, 2)
-    assert provenance(seed=0, device="cpu", started=time.time())["train_images"] == 0
+    assert (cost["images_trained"], cost["train_epochs"]) == (2 * 64, 2)
+    assert provenance(seed=0, device="cpu", started=time.time())["images_trained"] == 0

@@ -337,7 +337,7 @@ def test_gradual_method_prunes_in_one_run_and_resumes(tmp_path, monkeypatch):
     assert len(rows) == 3 and rows[2].split(",")[11] == "3"  # input + the one run of 3 epochs
     saved, _ = load_model(tmp_path / "models/prune.pt")
     assert sparsity(saved) == pytest.approx(0.7, abs=1e-3)
-    assert m["train_images"] == 3 * 96
+    assert m["images_trained"] == 3 * 96
 
     # Killed after its first epoch (mid-pruning), run again: it resumes at step 6 with the masks of
     # its weights, and ends with the weights of the uninterrupted run.

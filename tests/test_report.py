@@ -16,7 +16,7 @@ def _metrics(tmp_path, **scores):
     for stage, score in scores.items():
         m = {"accuracy": 0.5, "params": 1e5, "ops": 3e7, "params_score": score / 2, "ops_score": score / 2,
              "score": score, "seed": 0, "device": "cpu", "torch": "x", "python": "3", "wall_time_s": 10.0,
-             "train_images": 1000, "weight_bits": 8, "act_bits": 4}
+             "images_trained": 1000, "weight_bits": 8, "act_bits": 4}
         (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(m))
 
 
@@ -47,7 +47,7 @@ def test_table_and_summary(tmp_path):
         "Searching (paper)", "Improving (paper)", "Pruning (paper)", "Accelerating (paper)"]
     assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 | 0.00M | 10 s |" in rows
     assert "0.005798" in rows[-1] and rows[-1].endswith("| - | - |")
-    assert s["train_images"] == 4000 and "Pipeline cost: 4,000 training images processed, 40 s" in "\n".join(table)
+    assert s["images_trained"] == 4000 and "Pipeline cost: 4,000 training images processed, 40 s" in "\n".join(table)
     # The default stages end with the quantized network, its widths in its row's name.
     params = _params(tmp_path)
     s = report(read_config(params), params_file=str(params))
