@@ -154,3 +154,30 @@ def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run
     again = _params(tmp_path / "again", root, acc, model=str(tmp_path / "models/q.pt"))
     code, _, err = run_script(ROOT / "stages/quantize.py", "--params", again, cwd=tmp_path)
     assert code == 2 and "is already quantized (W8A8" in err, err
+
+
+def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated):
+    """Killed after its first QAT epoch and run again: it resumes there (not from scratch) and ends
+    near the uninterrupted run's weights. Not bit-identical, unlike the float stages: some Brevitas
+    quantizer state outside the saved state dict differs after a restart (cause not isolated)."""
+    import os
+
+    root, acc = accelerated
+    outs = {}
+    for name, fault in (("whole", None), ("killed", "epoch:1")):
+        (tmp_path / name).mkdir()
+        params = _params(tmp_path / name, root, acc, compare_widths=[])
+        cmd = [sys.executable, str(ROOT / "stages/quantize.py"), "--params", str(params)]
+        if fault:
+            killed = subprocess.run(cmd, cwd=tmp_path / name, capture_output=True, text=True,
+                                    env={**os.environ, "SIPA_FAULT": fault})
+            assert killed.returncode == -9 and not (tmp_path / name / "models/q.pt").exists()
+        done = subprocess.run(cmd, cwd=tmp_path / name, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert not fault or "resuming after epoch 1/2" in done.stderr, done.stderr
+        outs[name] = torch.load(tmp_path / name / "models/q.pt", weights_only=True)
+    diffs = {key: (value.float() - outs["killed"]["model"][key].float()).abs().max().item()
+             for key, value in outs["whole"]["model"].items() if value.is_floating_point()}
+    assert max(diffs.values()) < 0.02, max(diffs.items(), key=lambda kv: kv[1])
+    assert sum(int((v == 0).sum()) for v in outs["killed"]["model"].values()) == \
+        sum(int((v == 0).sum()) for v in outs["whole"]["model"].values())  # the same masks
