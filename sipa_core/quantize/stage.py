@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_write_csv, load_checkpoint, publish_metrics, publishing
+from sipa_core.io import atomic_write_csv, publish_metrics, publishing
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.resume import file_digest, run_key
@@ -144,24 +144,17 @@ class QuantRun:
         return self.data.split(split)[1]
 
 
-def _refuse_quantized_input(path: str, where: str) -> None:
-    if not Path(path).is_file():
-        raise SipaError(f"{where}: checkpoint {path} not found; run the accelerate stage first")
-    obj = load_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("quant"):
-        raise SipaError(f"{where}: {path} is already quantized ({obj['quant'].get('label')}); "
-                        f"quantize a floating-point checkpoint")
-
-
 def _start(cfg: dict, params_file: str, progress) -> QuantRun:
     from sipa_core.lineage import input_lineage, refuse_trained_split
     from sipa_core.quantize.qat import check_widths
     from sipa_core.stage_common import load_data, load_input_model
 
     where = f"{params_file}: quantize"
-    _refuse_quantized_input(cfg["model"], f"{where}.model")
     data = load_data(cfg["data"], f"{where}.data")
     main, meta = load_input_model(Path(cfg["model"]), data, f"{where}.model", "accelerate")
+    if meta.get("quant"):
+        raise SipaError(f"{where}.model: {cfg['model']} is already quantized ({meta['quant'].get('label')}); "
+                        f"quantize a floating-point checkpoint")
     names = [n for n, _ in main.named_modules()]
     try:
         for widths in [cfg["widths"]] + [widths_of(cfg, *parse_label(label)) for label in cfg["compare_widths"]]:
@@ -215,10 +208,9 @@ def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir
     from sipa_core.quantize.qat import calibrate
     from sipa_core.train import fit
 
-    float_exit = from_record(copy.deepcopy(run.main), run.exit_record, run.cfg["model"]).exit
-    qexit, masks = _quantized_copy(float_exit, widths.without_overrides())
-    cfg = {k: v for k, v in run.exit_record.items() if k not in ("state", "threshold", "exit_ratio", "loss")}
-    net = EarlyExitNetwork(main, cfg, qexit)
+    float_net = from_record(run.main, run.exit_record, run.cfg["model"])  # wraps run.main, changes nothing
+    qexit, masks = _quantized_copy(float_net.exit, widths.without_overrides())
+    net = EarlyExitNetwork(main, float_net.exit_cfg, qexit)
     for p in main.parameters():
         p.requires_grad_(False)
     calibrate(net, run.batches())
@@ -308,7 +300,7 @@ def input_accuracy(run: QuantRun) -> float:
     main_logits = run.logits(run.main, "test")
     if run.exit_record is None:
         return accuracy(main_logits, run.labels("test"))
-    net = from_record(copy.deepcopy(run.main), run.exit_record, run.cfg["model"])
+    net = from_record(run.main, run.exit_record, run.cfg["model"])
     pred, _ = simulate(run.logits(net, "test"), main_logits, run.exit_record["threshold"])
     return accuracy(pred, run.labels("test"))
 
