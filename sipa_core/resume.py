@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sipa_core.io import atomic_torch_save, atomic_write_json, load_checkpoint
+from sipa_core.runtime import record_training, training_cost
 
 
 def run_key(blob: Any, length: int = 12) -> str:
@@ -34,9 +35,12 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_kept(path: str | Path, fmt: str | None = None, *, what: str = "kept result", announce: str | None = None):
+def load_kept(path: str | Path, fmt: str | None = None, *, what: str = "kept result", announce: str | None = None,
+              counted: bool = True):
     """The kept result at ``path`` or None: a torch file whose ``format`` is ``fmt``,
-    or (``fmt`` None) a JSON file. ``announce`` is printed to stderr when found."""
+    or (``fmt`` None) a JSON file. ``announce`` is printed to stderr when found.
+    ``counted``: the result stands in for its work, so the training it cost (kept beside it)
+    counts toward this stage's cost; False when it is read again after being counted."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -48,11 +52,17 @@ def load_kept(path: str | Path, fmt: str | None = None, *, what: str = "kept res
             return None
     if announce:
         print(f"{announce}: kept from {path}", file=sys.stderr)
+    cost = value.get("training_cost")
+    if counted and cost:
+        record_training(cost["images_trained"], epochs=cost["train_epochs"])
     return value
 
 
-def keep(path: str | Path, value: dict, fmt: str | None = None) -> dict:
-    """Write a kept result atomically (torch file tagged ``fmt``, or JSON when ``fmt`` is None)."""
+def keep(path: str | Path, value: dict, fmt: str | None = None, *, since: float | None = None) -> dict:
+    """Write a kept result atomically (torch file tagged ``fmt``, or JSON when ``fmt`` is None).
+    ``since``: the unit's start (``time.time()``); the training noted since then is kept with it."""
+    if since is not None:
+        value = {**value, "training_cost": training_cost(since)}
     if fmt is None:
         atomic_write_json(path, value)
         return value

@@ -28,23 +28,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-_TRAINED: list[tuple[float, int]] = []  # (when, images) per training epoch of this process
+_TRAINED: list[tuple[float, int, int]] = []  # (when, images, epochs) noted in this process
 
 
-def record_training(images: int) -> None:
-    """The engine's note of one training epoch and the images it processed."""
-    _TRAINED.append((time.time(), int(images)))
+def record_training(images: int, epochs: int = 1) -> None:
+    """The note of training a result cost: an epoch the engine ran, or epochs done by an
+    earlier process that this one resumes or whose kept result it uses."""
+    _TRAINED.append((time.time(), int(images), int(epochs)))
 
 
 def training_cost(since: float) -> dict:
-    """Training images and epochs of this process since ``since`` (a stage's start)."""
-    done = [n for t, n in _TRAINED if t >= since]
-    return {"images_trained": sum(done), "train_epochs": len(done)}
+    """Training images and epochs noted since ``since`` (a stage's or a unit's start): what the
+    result cost, the same whether the work ran here or was resumed or kept from an earlier run."""
+    done = [(n, e) for t, n, e in _TRAINED if t >= since]
+    return {"images_trained": sum(n for n, _ in done), "train_epochs": sum(e for _, e in done)}
 
 
 def provenance(*, seed: int, device: str, started: float) -> dict:
-    """What every metrics file records: seed, device, versions, wall time, and the training
-    it cost (images processed, epochs run; search trials in Ray workers are not seen here)."""
+    """What every metrics file records: seed, device, versions, wall time (of this process), and
+    the training the result cost (images, epochs; the same for a resumed run)."""
     return dict(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
                 python=platform.python_version(), wall_time_s=round(time.time() - started, 2),
                 **training_cost(started))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_data, tiny_model
-from sipa_core.runtime import provenance
+from sipa_core.resume import keep, load_kept
+from sipa_core.runtime import provenance, training_cost
 from sipa_core.train import default_recipe, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,21 @@ def test_every_training_epoch_is_counted_for_the_stage_metrics():
     cost = provenance(seed=0, device="cpu", started=started)
     assert (cost["images_trained"], cost["train_epochs"]) == (2 * 64, 2)
     assert provenance(seed=0, device="cpu", started=time.time())["images_trained"] == 0
+
+
+def test_a_resumed_or_kept_result_costs_what_its_training_did(tmp_path):
+    """The cost is the training the result took, whichever process ran it: a finished run
+    resumed (it trains nothing more) and a kept result read in place of its work count it."""
+    data, recipe = tiny_data(n_train=64), default_recipe(epochs=2, batch_size=16)
+    started = time.time()
+    fit(tiny_model(), data, recipe, state_path=tmp_path / "state.pt", val_split=None, progress=False)
+    keep(tmp_path / "result.json", {"val_acc": 0.5}, since=started)
+    again = time.time()
+    fit(tiny_model(), data, recipe, state_path=tmp_path / "state.pt", val_split=None, progress=False)
+    assert training_cost(again) == {"images_trained": 2 * 64, "train_epochs": 2}
+    later = time.time()
+    assert load_kept(tmp_path / "result.json")["val_acc"] == 0.5
+    assert training_cost(later) == {"images_trained": 2 * 64, "train_epochs": 2}
+    latest = time.time()
+    load_kept(tmp_path / "result.json", counted=False)  # read again after it was counted
+    assert training_cost(latest)["images_trained"] == 0

@@ -189,6 +189,9 @@ def test_ray_backend_two_concurrent_trials_and_warm_restart(tmp_path):
     first = json.loads((tmp_path / "state/blocks.json").read_text())
     assert [r["tid"] for r in first] == [0, 1]
     assert all(Path(r["run_dir"], "model.pt").is_file() for r in first if r["status"] == "trained")
+    # the workers' training counts toward the search's cost
+    assert all(r["images_trained"] > 0 for r in first if r["status"] == "trained")
+    assert m["images_trained"] == sum(r["images_trained"] for r in first) > 0
     # A larger budget later: the searcher is warm-started with the two finished trials, runs one more.
     cfg["max_evals"] = 3
     lines.clear()

@@ -197,8 +197,9 @@ class ExitRun:
             if cfg["update_main_bn"]:
                 net.main.load_state_dict(saved["main"])
             return net, saved
+        started = time.time()
         self._fit_exit(net, position, loss, run_dir)
-        return net, self._keep_exit(net, ecfg, run_dir)
+        return net, self._keep_exit(net, ecfg, run_dir, started)
 
     def _fit_exit(self, net, position: int, loss: str, run_dir: Path) -> None:
         """Exit training on the frozen main network, then (optionally) gradual exit pruning and the
@@ -237,7 +238,7 @@ class ExitRun:
                     after_step=lambda m, masks=masks: apply_masks(m.exit, masks), **common)
         return masks
 
-    def _keep_exit(self, net, ecfg: dict, run_dir: Path) -> dict:
+    def _keep_exit(self, net, ecfg: dict, run_dir: Path, started: float) -> dict:
         from sipa_core.train import half_weights, predict
 
         net.cpu().eval()
@@ -248,7 +249,7 @@ class ExitRun:
             x, _ = self.data.split(split)
             out[split] = predict(scored, x, self.data.mean, self.data.std,
                                  batch_size=self.recipe["eval_batch_size"])  # exit logits
-        saved = keep(run_dir / "result.pt", out, LOGITS_FORMAT)
+        saved = keep(run_dir / "result.pt", out, LOGITS_FORMAT, since=started)
         fault_point("exit")
         return saved
 

@@ -114,15 +114,16 @@ class TrialRunner:
         kept = None if need_model else load_kept(run_dir / "result.json", announce=f"improve {kind} {key}")
         if kept is not None:
             return kept, None
+        started = time.time()
         try:
             res = fit(model, self.data, recipe, state_path=run_dir / "state.pt", live_dir=live,
                       train_splits=train_splits, val_split=val_split, tag=kind, desc=f"{kind} {key}",
                       progress=self.progress)
         except TrainingDiverged:
-            return keep(run_dir / "result.json", {"val_acc": float("nan"), "diverged": True}), None
+            return keep(run_dir / "result.json", {"val_acc": float("nan"), "diverged": True}, since=started), None
         out = {"val_acc": res.val_acc if res.val_acc is not None else float("nan"),
                "images_per_sec": res.images_per_sec, "seconds": res.seconds, "history": res.history}
-        return keep(run_dir / "result.json", out), model
+        return keep(run_dir / "result.json", out, since=started), model
 
     def trial(self, recipe: dict) -> float:
         """Mean validation accuracy of a short run over ``trial_seeds`` seeds (NaN if any diverged)."""

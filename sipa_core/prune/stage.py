@@ -264,7 +264,7 @@ def _run_round(run: PruneRun, model, masks: dict, k: int, target: float, progres
     row = run.row(model, k, target, filters=not masks, epochs=epochs)
     row["seconds"] = round(time.time() - t0, 2)
     keep(run.round_dir(k) / "result.pt", {"arch": dict(model.spec), "model": model.state_dict(), "masks": masks,
-                                          "row": row}, ROUND_FORMAT)
+                                          "row": row}, ROUND_FORMAT, since=t0)
     fault_point("round")
     return model, masks, row
 
@@ -290,7 +290,8 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
     if chosen is None:
         final, final_masks, chosen_round = load_model(cfg["model"])[0], {}, 0
     else:
-        saved = load_kept(run.round_dir(chosen["round"]) / "result.pt", ROUND_FORMAT, what="pruning round")
+        saved = load_kept(run.round_dir(chosen["round"]) / "result.pt", ROUND_FORMAT, what="pruning round",
+                          counted=False)
         final, final_masks, chosen_round = _load_round(saved), saved["masks"], chosen["round"]
     final.eval()
     for row in rows:

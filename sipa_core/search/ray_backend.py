@@ -71,11 +71,12 @@ def run_step_ray(step: str, cfg: dict, trial_data, fixed: dict, log=print) -> li
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from sipa_core.search.space import vals_from_point
-    from sipa_core.search.trials import TrialStore
+    from sipa_core.search.trials import TrialStore, count_trials
 
     state = Path(cfg["state"]).resolve()  # trials run in their own working directories
     store = TrialStore(state / f"{step}.json")
     records = store.load()
+    count_trials(records)
     remaining = cfg["max_evals"] - len(records)
     if remaining <= 0:
         return records
@@ -91,7 +92,8 @@ def run_step_ray(step: str, cfg: dict, trial_data, fixed: dict, log=print) -> li
             row = {"tid": len(records), "step": step, "vals": vals_from_point(step, cfg, point), "point": point,
                    "blocks": json.loads(r["blocks_json"]), **json.loads(r["scaling_json"]),
                    **{k: r[k] for k in ("score", "params", "ops", "status", "accuracy", "fitness", "loss",
-                                         "run_dir", "seconds")}}
+                                         "run_dir", "seconds", "images_trained", "train_epochs")}}
+            count_trials([row])  # trained in a worker process: noted here for the search's cost
             records.append(row)
             store.save(records)
             log(f"search {step} trial {len(records)}/{cfg['max_evals']} (ray): {row['status']}, "

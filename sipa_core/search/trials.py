@@ -17,6 +17,7 @@ import torch
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_json, atomic_write_text
+from sipa_core.runtime import record_training, training_cost
 from sipa_core.search.space import candidate, hyperopt_space, jsonable
 
 
@@ -117,9 +118,10 @@ def evaluate_candidate(spec: dict, cfg: dict, data, run_dir: Path, progress=None
     from sipa_core.stage_common import create_seeded_model, score_metrics
     from sipa_core.train import TrainingDiverged, configure_model, evaluate, fit
 
+    started = time.time()
     model = create_seeded_model(spec, cfg["recipe"]["seed"])
     s = score_metrics(model, data, cfg["bits"])
-    row = {"score": s["score"], "params": s["params"], "ops": s["ops"]}
+    row = {"score": s["score"], "params": s["params"], "ops": s["ops"], "images_trained": 0, "train_epochs": 0}
     if s["score"] > cfg["budget"]:
         return {**row, "status": "rejected", "accuracy": float("nan"), "fitness": float("nan"),
                 "loss": 1.0 + s["score"] / cfg["budget"]}
@@ -128,11 +130,20 @@ def evaluate_candidate(spec: dict, cfg: dict, data, run_dir: Path, progress=None
         fit(model, data, cfg["recipe"], state_path=run_dir / "state.pt", val_split=None, desc="trial",
             progress=progress)
     except TrainingDiverged:
-        return {**row, "status": "diverged", "accuracy": 0.0, "fitness": fitness(0.0, s["score"], cfg), "loss": 1.0}
+        return {**row, **training_cost(started), "status": "diverged", "accuracy": 0.0,
+                "fitness": fitness(0.0, s["score"], cfg), "loss": 1.0}
     acc = evaluate(model, data, "val")  # never test: the search stops first when there is no validation split
     save_model(run_dir / "model.pt", model.cpu())
     f = fitness(acc, s["score"], cfg)
-    return {**row, "status": "trained", "accuracy": acc, "fitness": f, "loss": -f}
+    return {**row, **training_cost(started), "status": "trained", "accuracy": acc, "fitness": f, "loss": -f}
+
+
+def count_trials(records: list[dict]) -> None:
+    """Note the training of trials this process did not run (kept from an earlier run, or run
+    by Ray workers) toward the search's cost."""
+    for r in records:
+        if r.get("images_trained"):
+            record_training(r["images_trained"], epochs=r.get("train_epochs", 0))
 
 
 def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None, log=print) -> list[dict]:
@@ -142,6 +153,7 @@ def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None,
     records = store.load()
     if records:
         log(f"search {step}: {len(records)} finished trial(s) kept from {store.path}")
+        count_trials(records)
     h, _ = data.image_size
     while len(records) < cfg["max_evals"]:
         point, vals = propose(step, cfg, records, cfg["method"])

@@ -242,6 +242,8 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     total_epochs = recipe["epochs"] + recipe["stabilize_epochs"]
     state_path = Path(state_path) if state_path else None
     start_epoch, history = restore_state(state_path, run, desc, total_epochs)
+    if start_epoch:  # epochs an earlier process trained count toward what this result cost
+        record_training(start_epoch * run.steps_per_epoch * run.recipe["batch_size"], epochs=start_epoch)
     if hasattr(after_step, "begin"):  # a step-aware hook (gradual pruning) learns where the run starts
         after_step.begin(model, start_epoch * run.steps_per_epoch, run.steps_per_epoch)
     live = _Live(live_dir, history)
