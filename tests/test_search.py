@@ -39,6 +39,13 @@ def write_params(tmp_path, **search_cfg):
     return tmp_path / "params.yaml"
 
 
+def trial_store(work: Path, step: str = "blocks") -> Path | None:
+    """The step's trial store under ``work/state`` (named by what decides its trials), if written."""
+    found = sorted((work / "state").glob(f"{step}-*.json"))
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
 def stage(params, **kw):
     return subprocess.Popen([sys.executable, str(ROOT / "stages/search.py"), "--params", str(params)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -120,6 +127,26 @@ def test_search_trains_writes_and_feeds_improve(tmp_path):
     assert json.loads((tmp_path / "metrics/search.json").read_text())["score"] == m["score"]
 
 
+def test_a_changed_search_does_not_take_the_trials_of_another(tmp_path):
+    """Finished trials are kept for a run of the same search (a larger max_evals goes on from them);
+    another space, recipe or data set starts afresh."""
+    params = write_params(tmp_path, steps=["blocks"], max_evals=2)
+    cfg = read_config(params)
+    quiet = dict(params_file=str(params), log=lambda *_: None, progress=False)
+    search(cfg, **quiet)
+    first = trial_store(tmp_path)
+    lines = []
+    search({**cfg, "max_evals": 3}, **{**quiet, "log": lines.append})
+    assert trial_store(tmp_path) == first and len(json.loads(first.read_text())) == 3
+    assert "2 finished trial(s) kept" in lines[0]
+    other = read_config(write_params(tmp_path, steps=["blocks"], max_evals=2, space={"kernel": [3, 3]}))
+    lines.clear()
+    search(other, **{**quiet, "log": lines.append})
+    stores = sorted((tmp_path / "state").glob("blocks-*.json"))
+    assert len(stores) == 2 and not any("kept" in line for line in lines)
+    assert all(r["blocks"][0].count("_k3") for r in json.loads(next(s for s in stores if s != first).read_text()))
+
+
 def test_over_budget_candidates_are_rejected_before_training(tmp_path):
     from sipa_core.search import smallest_score
 
@@ -128,12 +155,13 @@ def test_over_budget_candidates_are_rejected_before_training(tmp_path):
     low = smallest_score(cfg, 4, 16)
     cfg["budget"] = cfg["target"] = low * 1.3
     search(cfg, params_file=str(params), log=lambda *_: None, progress=False)
-    records = json.loads((tmp_path / "state/blocks.json").read_text())
+    store = trial_store(tmp_path)
+    records = json.loads(store.read_text())
     rejected = [r for r in records if r["status"] == "rejected"]
     assert rejected, "some candidate of this space is over 1.3x the smallest score"
     for r in rejected:
         assert r["score"] > cfg["budget"]
-        assert not (tmp_path / "state/trials" / f"blocks-{r['tid']}").exists()
+        assert not (tmp_path / "state/trials" / store.stem / str(r["tid"])).exists()
 
 
 def test_killed_search_resumes_from_finished_trials(tmp_path):
@@ -142,9 +170,8 @@ def test_killed_search_resumes_from_finished_trials(tmp_path):
     params = {d: write_params(d, steps=["blocks"], max_evals=5, recipe={"epochs": 3}) for d in (clean_dir, killed_dir)}
     assert stage(params[clean_dir]).wait(timeout=600) == 0
     proc = stage(params[killed_dir])
-    store = killed_dir / "state/blocks.json"
     deadline = time.time() + 300
-    while time.time() < deadline and not (store.exists() and len(json.loads(store.read_text())) >= 2):
+    while time.time() < deadline and not ((store := trial_store(killed_dir)) and len(json.loads(store.read_text())) >= 2):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -157,7 +184,7 @@ def test_killed_search_resumes_from_finished_trials(tmp_path):
         assert line not in stdout  # finished trials are not redone
     after = json.loads(store.read_text())
     assert after[:len(done)] == done and len(after) == 5
-    clean = json.loads((clean_dir / "state/blocks.json").read_text())
+    clean = json.loads(trial_store(clean_dir).read_text())
     assert [r["blocks"] for r in after] == [r["blocks"] for r in clean]  # same proposals as uninterrupted
 
 
@@ -186,7 +213,7 @@ def test_ray_backend_two_concurrent_trials_and_warm_restart(tmp_path):
     lines = []
     m = search(cfg, params_file=str(params), log=lines.append, progress=False)
     assert m["trials"] == 2 and len(lines) == 2 and all("(ray)" in line for line in lines)
-    first = json.loads((tmp_path / "state/blocks.json").read_text())
+    first = json.loads(trial_store(tmp_path).read_text())
     assert [r["tid"] for r in first] == [0, 1]
     assert all(Path(r["run_dir"], "model.pt").is_file() for r in first if r["status"] == "trained")
     # the workers' training counts toward the search's cost
@@ -196,7 +223,7 @@ def test_ray_backend_two_concurrent_trials_and_warm_restart(tmp_path):
     cfg["max_evals"] = 3
     lines.clear()
     search(cfg, params_file=str(params), log=lines.append, progress=False)
-    after = json.loads((tmp_path / "state/blocks.json").read_text())
+    after = json.loads(trial_store(tmp_path).read_text())
     assert after[:2] == first and len(after) == 3 and len(lines) == 1
 
 

@@ -23,7 +23,7 @@ from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_B
 from sipa_core.io import atomic_write_text, publish_metrics, publishing
 from sipa_core.paths import PATHS, path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
-from sipa_core.resume import keep, load_kept, run_key
+from sipa_core.resume import file_digest, keep, load_kept, run_key
 from sipa_core.stage_runner import Stage
 from sipa_core.train.recipe import check_recipe
 
@@ -109,7 +109,8 @@ class TrialRunner:
         recipe = check_recipe({**recipe, "epochs": epochs, "seed": seed}, file=self.params_file,
                               section="improve.base")
         model = configure_model(create_seeded_model(self.spec, seed, self.init), recipe)
-        key = run_key({"recipe": recipe, "spec": model.spec, "tag": f"{kind}:{','.join(train_splits)}:{self.init}"})
+        key = run_key({"recipe": recipe, "spec": model.spec, "tag": f"{kind}:{','.join(train_splits)}:{self.init}",
+                       "data": self.data.source, "init": file_digest(self.init) if self.init else None})
         run_dir = Path(self.cfg["state"]) / kind / key
         kept = None if need_model else load_kept(run_dir / "result.json", announce=f"improve {kind} {key}")
         if kept is not None:

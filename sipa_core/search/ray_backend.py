@@ -29,7 +29,7 @@ def check_ray(where: str) -> None:
                         f"or use backend: local") from None
 
 
-def _trial(config, cfg=None, step=None, fixed=None, data=None, state=None):
+def _trial(config, cfg=None, step=None, fixed=None, data=None, trials_dir=None):
     """One trial on a Ray worker: the local backend's candidate evaluation."""
     import torch
 
@@ -40,7 +40,7 @@ def _trial(config, cfg=None, step=None, fixed=None, data=None, state=None):
     h, _ = data.image_size
     blocks, scaling, spec = candidate(step, config, cfg, fixed, data.num_classes, h)
     key = run_key(spec)
-    run_dir = Path(state) / "trials" / f"{step}-ray-{key}"
+    run_dir = Path(trials_dir) / f"ray-{key}"
     t0 = time.time()
     result = evaluate_candidate(spec, cfg, data, run_dir, progress=False)
     return {**result, "point_json": json.dumps(jsonable(config)), "blocks_json": json.dumps(blocks),
@@ -71,10 +71,10 @@ def run_step_ray(step: str, cfg: dict, trial_data, fixed: dict, log=print) -> li
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from sipa_core.search.space import vals_from_point
-    from sipa_core.search.trials import TrialStore, count_trials
+    from sipa_core.search.trials import count_trials, trial_store
 
-    state = Path(cfg["state"]).resolve()  # trials run in their own working directories
-    store = TrialStore(state / f"{step}.json")
+    store, trials_dir = trial_store(step, cfg, fixed)
+    state = Path(cfg["state"]).resolve()
     records = store.load()
     count_trials(records)
     remaining = cfg["max_evals"] - len(records)
@@ -106,7 +106,8 @@ def run_step_ray(step: str, cfg: dict, trial_data, fixed: dict, log=print) -> li
                      [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}})
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(_trial, cfg=cfg, step=step, fixed=fixed, data=trial_data, state=str(state)),
+            tune.with_parameters(_trial, cfg=cfg, step=step, fixed=fixed, data=trial_data,
+                                 trials_dir=str(trials_dir)),
             {"cpu": cfg["ray_cpus_per_trial"], "gpu": cfg["ray_gpus_per_trial"]})
         tuner = tune.Tuner(
             trainable,

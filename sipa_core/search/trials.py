@@ -17,6 +17,7 @@ import torch
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_json, atomic_write_text
+from sipa_core.resume import file_digest, run_key
 from sipa_core.runtime import record_training, training_cost
 from sipa_core.search.space import candidate, hyperopt_space, jsonable
 
@@ -58,6 +59,23 @@ class TrialStore:
 
     def save(self, records: list[dict]) -> None:
         atomic_write_json(self.path, records)
+
+
+# What does not decide a step's trials: the trial count (a larger one goes on from the finished
+# trials), where outputs go, and how Ray spreads the trials.
+_NOT_IN_KEY = {"max_evals", "state", "out", "out_arch", "metrics", "info", "table", "pareto", "backend",
+               "ray_address", "ray_concurrent", "ray_cpus_per_trial", "ray_gpus_per_trial", "preset"}
+
+
+def trial_store(step: str, cfg: dict, fixed: dict) -> tuple[TrialStore, Path]:
+    """The store and trial folder of one step, named by everything that decides its trials (the
+    section, the data file's content, the blocks fixed by the previous step): a changed search
+    starts afresh instead of taking trials of another space or data set as its own."""
+    decides = {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY}
+    data = Path(cfg["data"])
+    key = run_key({**decides, "fixed": fixed, "data": file_digest(data) if data.is_file() else str(data)})
+    state = Path(cfg["state"]).resolve()  # Ray trials run in their own working directories
+    return TrialStore(state / f"{step}-{key}.json"), state / "trials" / f"{step}-{key}"
 
 
 def hyperopt_trials(records: list[dict]):
@@ -148,8 +166,7 @@ def count_trials(records: list[dict]) -> None:
 
 def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None, log=print) -> list[dict]:
     """Run (or finish) one search step; returns its trial records."""
-    state = Path(cfg["state"])
-    store = TrialStore(state / f"{step}.json")
+    store, trials_dir = trial_store(step, cfg, fixed)
     records = store.load()
     if records:
         log(f"search {step}: {len(records)} finished trial(s) kept from {store.path}")
@@ -160,7 +177,7 @@ def run_step(step: str, cfg: dict, data, trial_data, fixed: dict, progress=None,
         blocks, scaling, spec = candidate(step, point, cfg, fixed, data.num_classes, h)
         tid = len(records)
         t0 = time.time()
-        run_dir = state / "trials" / f"{step}-{tid}"
+        run_dir = trials_dir / str(tid)
         result = evaluate_candidate(spec, cfg, trial_data, run_dir, progress)
         records.append({"tid": tid, "step": step, "vals": vals, "point": jsonable(point), "blocks": blocks,
                         **scaling, **result, "run_dir": str(run_dir), "seconds": round(time.time() - t0, 2)})
