@@ -24,6 +24,7 @@ training takes about 4 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -93,6 +94,42 @@ def plain_loop(model: nn.Module, data: PreparedData, epochs: int, seed: int, wor
     return time.perf_counter() - t0
 
 
+def plain_loop_engine_batches(model: nn.Module, data: PreparedData, epochs: int, seed: int, workers: int,
+                              channels_last: bool = True) -> float:
+    """The plain loop's optimizer, schedule and loss fed by the engine's data path (uint8 tensors,
+    batched crop and flip on one generator, normalised channels_last): splits a gap between the
+    two trainers into data path and training step."""
+    from sipa_core.train.augment import normalize, random_crop, random_flip
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    bs, n = RECIPE["batch_size"], len(data.train_y)
+    steps = n // bs
+    opt = torch.optim.SGD(model.parameters(), lr=RECIPE["lr"], momentum=RECIPE["momentum"],
+                          weight_decay=RECIPE["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        for step in range(steps):
+            idx = perm[step * bs:(step + 1) * bs]
+            xb = random_flip(random_crop(data.train_x[idx], RECIPE["crop_padding"], gen), gen)
+            loss = F.cross_entropy(model(normalize(xb, mean, std, channels_last)), data.train_y[idx],
+                                   label_smoothing=RECIPE["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return time.perf_counter() - t0
+
+
+TRAINERS = {"plain loop": plain_loop, "plain loop, engine's batches": plain_loop_engine_batches,
+            "plain loop, engine's batches in NCHW": functools.partial(plain_loop_engine_batches,
+                                                                      channels_last=False)}
+
+
 def engine_recipe(epochs: int, seed: int, **overrides) -> dict:
     return default_recipe(**RECIPE, epochs=epochs, seed=seed, device="cpu", **overrides)
 
@@ -139,7 +176,7 @@ def one_run(trainer: str, variant: str, data: PreparedData, epochs: int, seed: i
     if trainer == "engine":
         seconds = fit(model, data, recipe, val_split=None, progress=False).seconds
     else:
-        seconds = plain_loop(model, data, epochs, seed, workers)
+        seconds = TRAINERS[trainer](model, data, epochs, seed, workers)
     row = dict(trainer=trainer, variant=variant, seed=seed, test_acc=evaluate(model, data, "test"),
                seconds=round(seconds, 1))
     print(json.dumps(row), flush=True)
@@ -166,15 +203,18 @@ def main():
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workers", type=int, default=0, help="plain loop: DataLoader worker processes")
+    p.add_argument("--trainers", nargs="+", default=["engine", "plain loop"],
+                   choices=["engine", *TRAINERS], help="which trainers train the project defaults")
     p.add_argument("--ablation", action="store_true", help="also train the variants (engine, first seed)")
     p.add_argument("--variants", nargs="+", type=int, default=None,
                    help="with --ablation: only these variants (1-based, in the order of VARIANTS after the defaults)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
     data = load_data(args.root)
+    torch.use_deterministic_algorithms(True)  # what the engine's recipe sets, for every trainer alike
     rows = []
     for seed in args.seeds:
-        for trainer in ("engine", "plain loop"):
+        for trainer in args.trainers:
             rows.append(one_run(trainer, "project defaults", data, args.epochs, seed, args.workers))
     if args.ablation:
         chosen = list(VARIANTS)[1:]
