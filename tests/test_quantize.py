@@ -158,8 +158,9 @@ def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run
 
 def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated):
     """Killed after its first QAT epoch and run again: it resumes there (not from scratch) and ends
-    near the uninterrupted run's weights. Not bit-identical, unlike the float stages: some Brevitas
-    quantizer state outside the saved state dict differs after a restart (cause not isolated)."""
+    near the uninterrupted run's weights. Not bit-identical, unlike the float stages: the exit's
+    calibration used to re-calibrate the main network's trained scales when that network came
+    from a state dict (fixed: largest difference 0.014 -> 0.0066); what is left is not isolated."""
     import os
 
     root, acc = accelerated
@@ -178,6 +179,6 @@ def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated
         outs[name] = torch.load(tmp_path / name / "models/q.pt", weights_only=True)
     diffs = {key: (value.float() - outs["killed"]["model"][key].float()).abs().max().item()
              for key, value in outs["whole"]["model"].items() if value.is_floating_point()}
-    assert max(diffs.values()) < 0.02, max(diffs.items(), key=lambda kv: kv[1])
+    assert max(diffs.values()) < 0.01, max(diffs.items(), key=lambda kv: kv[1])
     assert sum(int((v == 0).sum()) for v in outs["killed"]["model"].values()) == \
         sum(int((v == 0).sum()) for v in outs["whole"]["model"].values())  # the same masks

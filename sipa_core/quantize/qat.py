@@ -133,14 +133,17 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches) -> None:
-    """Set the activation quantizers' scales from a few batches (Brevitas' calibration
-    mode collects statistics and freezes them)."""
+def calibrate(model: nn.Module, batches, part: nn.Module | None = None) -> None:
+    """Set the activation quantizers' scales of ``part`` (default: all of ``model``) from a few
+    batches through ``model`` (Brevitas' calibration mode collects statistics and freezes them).
+    The rest of the model runs as it is: an exit is calibrated on the quantized network's
+    features, and that network's trained scales stay (Brevitas' calibration would overwrite
+    the scales of a network loaded from a state dict, so a resumed run would differ)."""
     from brevitas.graph.calibrate import calibration_mode
 
     was_training = model.training
     model.eval()
-    with calibration_mode(model):
+    with calibration_mode(part if part is not None else model):
         for xb in batches:
             model(xb)
     model.train(was_training)

@@ -213,7 +213,7 @@ def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir
     net = EarlyExitNetwork(main, float_net.exit_cfg, qexit)
     for p in main.parameters():
         p.requires_grad_(False)
-    calibrate(net, run.batches())
+    calibrate(net, run.batches(), part=net.exit)
     if run.cfg["exit_epochs"] > 0:
         def train_mode(model):
             model.eval()
