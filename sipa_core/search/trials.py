@@ -67,13 +67,19 @@ _NOT_IN_KEY = {"max_evals", "state", "out", "out_arch", "metrics", "info", "tabl
                "ray_address", "ray_concurrent", "ray_cpus_per_trial", "ray_gpus_per_trial", "preset"}
 
 
+@functools.lru_cache(maxsize=4)
+def _data_digest(path: str, size: int, mtime_ns: int) -> str:
+    return file_digest(path)  # once per file version, not once per step
+
+
 def trial_store(step: str, cfg: dict, fixed: dict) -> tuple[TrialStore, Path]:
     """The store and trial folder of one step, named by everything that decides its trials (the
     section, the data file's content, the blocks fixed by the previous step): a changed search
     starts afresh instead of taking trials of another space or data set as its own."""
     decides = {k: v for k, v in cfg.items() if k not in _NOT_IN_KEY}
     data = Path(cfg["data"])
-    key = run_key({**decides, "fixed": fixed, "data": file_digest(data) if data.is_file() else str(data)})
+    digest = _data_digest(str(data), (st := data.stat()).st_size, st.st_mtime_ns) if data.is_file() else str(data)
+    key = run_key({**decides, "fixed": fixed, "data": digest})
     state = Path(cfg["state"]).resolve()  # Ray trials run in their own working directories
     return TrialStore(state / f"{step}-{key}.json"), state / "trials" / f"{step}-{key}"
 

@@ -93,6 +93,11 @@ class TrainingRun:
     fingerprint: str = ""
 
     @property
+    def images_per_epoch(self) -> int:
+        """Images one epoch trains on (full global batches; the last partial one is dropped)."""
+        return self.steps_per_epoch * self.recipe["batch_size"]
+
+    @property
     def amp_dtype(self):
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe["precision"])
 
@@ -192,9 +197,9 @@ def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, qu
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    record_training(run.steps_per_epoch * bs)
+    record_training(run.images_per_epoch)
     return {"epoch": epoch + 1, "lr": lr_used, "train_loss": float(loss_sum) / run.steps_per_epoch,
-            "images_per_sec": run.steps_per_epoch * bs / seconds if seconds > 0 else 0.0}
+            "images_per_sec": run.images_per_epoch / seconds if seconds > 0 else 0.0}
 
 
 class _Live:
@@ -243,7 +248,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     state_path = Path(state_path) if state_path else None
     start_epoch, history = restore_state(state_path, run, desc, total_epochs)
     if start_epoch:  # epochs an earlier process trained count toward what this result cost
-        record_training(start_epoch * run.steps_per_epoch * run.recipe["batch_size"], epochs=start_epoch)
+        record_training(start_epoch * run.images_per_epoch, epochs=start_epoch)
     if hasattr(after_step, "begin"):  # a step-aware hook (gradual pruning) learns where the run starts
         after_step.begin(model, start_epoch * run.steps_per_epoch, run.steps_per_epoch)
     live = _Live(live_dir, history)
