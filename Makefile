@@ -1,5 +1,6 @@
 # Two commands for a newcomer:  `make repro` (set up, run the pipeline) and
 # `make test` (set up, run the tests). Everything lives in .venv.
+# While editing: `make test-fast` (the tests not marked slow, a few minutes) and `make lint`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SIPA_CIFAR10_JPEG ?= $(abspath ../shared/data/cifar10-jpeg)
 export SIPA_CIFAR10_JPEG
 
-.PHONY: install repro test clean profile-paper profile-cpu
+.PHONY: install repro test test-fast lint clean profile-paper profile-cpu
 
 install: $(STAMP)
 
@@ -22,8 +23,17 @@ $(STAMP): requirements.lock pyproject.toml
 repro: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro $(ARGS)
 
+# The whole suite: what CI runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The edit-test loop: everything but the end-to-end, fault-injection, distributed and
+# subprocess tests (marked slow in tests/).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 # The paper's full recipe (GPU machines): replaces params.yaml; `git checkout params.yaml` undoes it.
 profile-paper: $(STAMP)

@@ -50,6 +50,7 @@ from sipa_core.data.sources import load_source  # noqa: E402
 from sipa_core.models import create_model  # noqa: E402
 from sipa_core.models.efficientnet import INIT_RULES  # noqa: E402
 from sipa_core.train import configure_model, default_recipe, evaluate, fit  # noqa: E402
+from sipa_core.train.augment import normalize, random_crop, random_flip  # noqa: E402
 
 ARCH = "sipa_baseline_32"
 RECIPE = dict(batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
@@ -105,8 +106,6 @@ def plain_loop_engine_batches(model: nn.Module, data: PreparedData, epochs: int,
     """The plain loop's optimizer, schedule and loss fed by the engine's data path (uint8 tensors,
     batched crop and flip on one generator, normalised channels_last): splits a gap between the
     two trainers into data path and training step."""
-    from sipa_core.train.augment import normalize, random_crop, random_flip
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))

@@ -20,6 +20,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sipa_core.accelerate import load_early_exit
+from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost
+from sipa_core.data.prepare import load_prepared
+from sipa_core.models import create_model
+from sipa_core.train import normalized
+
 
 def timed(fn, repeats: int, device) -> float:
     """Median seconds per call, after two warm-up calls."""
@@ -38,10 +44,6 @@ def timed(fn, repeats: int, device) -> float:
 
 
 def main() -> None:
-    from sipa_core.accelerate import load_early_exit
-    from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost
-    from sipa_core.models import create_model
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="an accelerate-stage checkpoint (its exit and threshold)")
     ap.add_argument("--data", help="prepared data set: time on its test images (default: random images)")
@@ -68,9 +70,6 @@ def main() -> None:
         threshold = None
     size = net.main.spec["image_size"]
     if args.data:
-        from sipa_core.data.prepare import load_prepared
-        from sipa_core.train import normalized
-
         data = load_prepared(args.data)
         x = normalized(data.test_x[: args.batch], data.mean, data.std)
     else:
@@ -90,8 +89,8 @@ def main() -> None:
     with torch.no_grad():
         for batch in (1, len(x)):
             xb = x[:batch]
-            t_main = timed(lambda: net.main(xb), args.repeats, device)
-            t_exit = timed(lambda: net.adaptive(xb, threshold), args.repeats, device)
+            t_main = timed(lambda xb=xb: net.main(xb), args.repeats, device)
+            t_exit = timed(lambda xb=xb: net.adaptive(xb, threshold), args.repeats, device)
             rows.append((batch, t_main, t_exit))
     print(f"device {device}, threads {torch.get_num_threads()}, {net.main.spec.get('name') or 'checkpoint'} "
           f"input {size}x{size}, exit after block {net.position}, threshold {threshold:.3f}")
@@ -104,7 +103,7 @@ def main() -> None:
             with torch.no_grad():
                 h = net.features(x[:1])
                 t_path = timed(lambda: net.exit(net.features(x[:1])), args.repeats, device)
-                t_rest = timed(lambda: net.rest(h), args.repeats, device)
+                t_rest = timed(lambda h=h: net.rest(h), args.repeats, device)
             expected = ratio * t_path + (1 - ratio) * (t_path + t_rest)
             print(f"batch 1: main {t_main * 1e3:.2f} ms; exit path {t_path * 1e3:.2f} ms, exit+rest "
                   f"{(t_path + t_rest) * 1e3:.2f} ms, expected {expected * 1e3:.2f} ms: wall-clock saving "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -83,9 +86,6 @@ def reset_peak(device):
 
 def reference(arch, x, y, steps, warmup, batch, workers, device):
     """The plain loop: per-image torchvision transforms in a DataLoader, fp32, NCHW."""
-    from torch.utils.data import DataLoader, Dataset
-    from torchvision.transforms import v2
-
     tf = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
@@ -145,7 +145,8 @@ def project(arch, x, y, steps, warmup, batch, device, fast: set[str]):
                         {"source": "synthetic"})
     cuda = device.type == "cuda"
     recipe = default_recipe(epochs=1 + max(1, -(-warmup // steps)), batch_size=batch, lr=0.1, schedule="constant",
-                            channels_last="nchw" not in fast, precision="bf16" if cuda and "fp32" not in fast else "fp32",
+                            channels_last="nchw" not in fast,
+                            precision="bf16" if cuda and "fp32" not in fast else "fp32",
                             compile="compile" in fast, deterministic=False, device=str(device))
     torch.manual_seed(0)
     model = create_model(arch, num_classes=100)
@@ -156,7 +157,8 @@ def project(arch, x, y, steps, warmup, batch, device, fast: set[str]):
     with _Clock(device) as clock:
         predict(model, x[:n], MEAN, STD, device=device, channels_last=recipe["channels_last"])
     return {"train_images_per_sec": train_ips, "eval_images_per_sec": n / clock.seconds,
-            "peak_mib": peak_memory(device), "recipe": {k: recipe[k] for k in ("precision", "channels_last", "compile")}}
+            "peak_mib": peak_memory(device),
+            "recipe": {k: recipe[k] for k in ("precision", "channels_last", "compile")}}
 
 
 def main():
@@ -175,7 +177,6 @@ def main():
     steps = args.steps or (200 if cuda else 8)
     warmup = args.warmup or (50 if cuda else 3)
     batch = args.batch or (512 if cuda else 128)
-    import os
 
     workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 1) - 1)
     fast = {f for f in args.fast.split(",") if f}

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipa_core.data.prepare import PreparedData  # noqa: E402
 from sipa_core.models import create_model  # noqa: E402
-from sipa_core.train import default_recipe, fit, predict, resolve_device  # noqa: E402
+from sipa_core.pipeline import resolved_trainings  # noqa: E402
+from sipa_core.train import configure_model, default_recipe, fit, predict, resolve_device  # noqa: E402
 
 
 def synthetic(n: int, classes: int, size: int = 32) -> PreparedData:
@@ -63,9 +64,6 @@ def main():
     speed = dict(epochs=args.epochs, precision=args.precision, channels_last=not args.nchw, device=args.device,
                  deterministic=not args.nondeterministic, compile=args.compile, compile_mode=args.compile_mode)
     if args.recipe_from:
-        from sipa_core.pipeline import resolved_trainings
-        from sipa_core.train import configure_model
-
         final = resolved_trainings(args.recipe_from)["improve"]["final"]
         if not isinstance(final, dict):
             raise SystemExit(f"{args.recipe_from}: improve is greedy; its final recipe is known only after the trials")

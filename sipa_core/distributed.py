@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 
 def rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -37,8 +36,6 @@ def local_rank() -> int:
 def init_from_env() -> bool:
     """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1):
     NCCL with one GPU per process where GPUs exist, gloo on CPUs."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     if torch.cuda.is_available():
@@ -51,8 +48,6 @@ def init_from_env() -> bool:
 
 def all_mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over processes (itself with one process)."""
-    import torch.distributed as dist
-
     _, world = rank_and_world()
     if world == 1:
         return value
@@ -62,7 +57,5 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if rank_and_world()[1] > 1:
         dist.barrier()

@@ -6,7 +6,8 @@ does). Points: ``step`` (after an optimizer step, mid-epoch), ``epoch``
 (after an epoch's state is saved), ``write`` (a file written to its temporary
 name, before the rename), ``trial`` (after a search trial is stored),
 ``round`` (after a pruning round is kept), ``exit`` (after an exit is
-trained and kept), ``publish`` (a stage's outputs written, its metrics not yet). Unset, a point costs one dictionary lookup.
+trained and kept), ``publish`` (a stage's outputs written, its metrics not yet). Unset, a point
+costs one dictionary lookup.
 """
 
 from __future__ import annotations

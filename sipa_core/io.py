@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from sipa_core.distributed import is_main_process
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 
@@ -30,8 +31,6 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
     """Write to a temporary file in the same folder, fsync, rename into place:
     a reader never sees a half-written file. Under data-parallel training only
     rank 0 writes (the other processes hold the same values)."""
-    from sipa_core.distributed import is_main_process
-
     path = Path(path)
     if not is_main_process():
         return path
@@ -88,8 +87,6 @@ def publishing(metrics_path):
         _STAGED = None
         raise
     staged, _STAGED = _STAGED, None
-    from sipa_core.distributed import is_main_process
-
     if is_main_process():
         Path(metrics_path).unlink(missing_ok=True)
         for tmp, path in staged:

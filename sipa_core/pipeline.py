@@ -7,14 +7,17 @@ code DVC tracks for a stage is the code that stage runs.)
 
 from __future__ import annotations
 
-from sipa_core.accelerate.stage import STAGE as ACCELERATE
+from sipa_core.accelerate.stage import STAGE as ACCELERATE, exit_recipe
 from sipa_core.data.prepare import STAGE as PREPARE
 from sipa_core.improve.stage import STAGE as IMPROVE
+from sipa_core.improve.techniques import apply_techniques
+from sipa_core.params import raw_section
 from sipa_core.prune.stage import STAGE as PRUNE
-from sipa_core.quantize.stage import STAGE as QUANTIZE
+from sipa_core.quantize.stage import QAT_RECIPE, STAGE as QUANTIZE
 from sipa_core.report import STAGE as REPORT
 from sipa_core.search.stage import STAGE as SEARCH
 from sipa_core.stage_runner import Stage
+from sipa_core.train.recipe import check_recipe
 
 STAGES: dict[str, Stage] = {s.name: s for s in (PREPARE, SEARCH, IMPROVE, PRUNE, ACCELERATE, QUANTIZE, REPORT)}
 
@@ -29,8 +32,6 @@ def check_params(path: str) -> list[str]:
 
 def inactive_keys(path: str) -> list[str]:
     """Keys the file sets that its own settings leave unused (``sipa check-params`` shows them)."""
-    from sipa_core.params import raw_section
-
     out = []
     for name, stage in STAGES.items():
         if stage.inactive is not None:
@@ -42,10 +43,6 @@ def resolved_trainings(path: str) -> dict[str, dict]:
     """Every training the pipeline will run with this params file, and its effective recipe
     (after presets, technique options, inheritance from the previous stage and overrides).
     What depends on a result (a greedy selection) is said, not guessed."""
-    from sipa_core.accelerate.stage import exit_recipe
-    from sipa_core.improve.techniques import apply_techniques
-    from sipa_core.train.recipe import check_recipe
-
     cfg = {name: stage.read_config(path) for name, stage in STAGES.items()}
     search, improve, prune, accelerate = (cfg[k] for k in ("search", "improve", "prune", "accelerate"))
     out = {f"search ({search['method']})": {"each training": search["recipe"]}}
@@ -79,9 +76,6 @@ def resolved_trainings(path: str) -> dict[str, dict]:
 
 def quantize_trainings(q: dict, path: str) -> dict:
     """The quantizing stage's trainings: per width, QAT of the main network, then of the exit."""
-    from sipa_core.quantize.stage import QAT_RECIPE
-    from sipa_core.train.recipe import check_recipe
-
     recipe = check_recipe({**QAT_RECIPE, **q["recipe"], "epochs": q["epochs"], "seed": q["seed"]}, file=path,
                           section="quantize.recipe")
     widths = [q["widths"].label()] + list(q["compare_widths"])

@@ -11,6 +11,15 @@ for the exit (its backward pass stops at the exit).
 from __future__ import annotations
 
 import math
+import time
+
+import torch
+
+from sipa_core.data.sources import scan_imagefolder
+from sipa_core.models import create_model, create_spec
+from sipa_core.pipeline import STAGES
+from sipa_core.runtime import resolve_device
+from sipa_core.train.recipe import check_recipe
 
 # Images per class of the standard sources: (classes, train, test per class).
 KNOWN_SOURCES = {"cifar10": (10, 5000, 1000), "cifar100": (100, 500, 100), "cifar10_subset": (10, 500, 200)}
@@ -24,8 +33,6 @@ def data_sizes(prep: dict) -> dict:
         classes = len(wanted) if wanted else classes
         train_sizes, test_sizes = [train_per] * classes, [test_per] * classes
     else:
-        from sipa_core.data.sources import scan_imagefolder
-
         _, found = scan_imagefolder(prep["root"], "prepare.root")
         train_sizes = [len(v) for c, v in found["train"].items() if not wanted or c in wanted]
         test_sizes = [len(v) for c, v in found["test"].items() if not wanted or c in wanted]
@@ -41,8 +48,6 @@ def _row(stage: str, what: str, runs: int, epochs: int, images: int, size: int) 
 
 
 def _input_size(cfg: dict, image_size: int) -> int:
-    from sipa_core.models import create_spec
-
     search = cfg["search"]
     name = search["preset"] if search["method"] == "preset" else None
     spec = create_spec(name) if name else {"resolution": search["base_scaling"].get("resolution", 1.0)}
@@ -77,8 +82,6 @@ def trainings(cfg: dict, sizes: dict, image_size: int) -> list[dict]:
 
 def plan(path: str) -> tuple[dict, list[dict]]:
     """(data sizes, training rows) of a params file, every section checked first."""
-    from sipa_core.pipeline import STAGES
-
     cfg = {name: stage.read_config(path) for name, stage in STAGES.items()}
     prep = cfg["prepare"]
     sizes = data_sizes(prep)
@@ -113,15 +116,6 @@ def _duration(seconds: float) -> str:
 def measure_throughput(path: str, steps: int = 5) -> float:
     """Training images/s of the stage's network and the improving stage's base recipe on this
     machine's device: a few timed steps on random images after two warm-up steps."""
-    import time
-
-    import torch
-
-    from sipa_core.models import create_spec, create_model
-    from sipa_core.pipeline import STAGES
-    from sipa_core.runtime import resolve_device
-    from sipa_core.train.recipe import check_recipe
-
     cfg = {n: STAGES[n].read_config(path) for n in ("prepare", "search", "improve")}
     recipe = check_recipe({**cfg["improve"]["base"], "epochs": 1}, file=path, section="improve.base")
     device = resolve_device(recipe["device"])

@@ -10,14 +10,13 @@ import time
 
 import torch
 
+from sipa_core.distributed import local_rank
 from sipa_core.errors import SipaError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` (under torchrun: each process its own GPU), ``cpu``, ``cuda`` or ``cuda:N``."""
     if name == "auto":
-        from sipa_core.distributed import local_rank
-
         return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

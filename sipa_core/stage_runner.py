@@ -13,6 +13,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
+from sipa_core.distributed import init_from_env, is_main_process
 from sipa_core.errors import exits_cleanly
 
 
@@ -36,8 +37,6 @@ def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
         parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         args = parser.parse_args(argv)
         cfg = stage.read_config(args.params)  # checked before joining a process group: bad input fails fast
-        from sipa_core.distributed import init_from_env, is_main_process
-
         init_from_env()  # under torchrun: data-parallel training, rank 0 writes
         metrics = stage.run(cfg, params_file=args.params)
         if is_main_process():

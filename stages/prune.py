@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also in a queued experiment's copy)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also a queued experiment's copy)
 
 from sipa_core.prune.stage import STAGE
 from sipa_core.stage_runner import stage_main

@@ -1,9 +1,10 @@
-"""DVC stage ``quantize``: quantization-aware training of the accelerated network, its exit threshold calibrated again."""
+"""DVC stage ``quantize``: quantization-aware training of the accelerated network, its exit threshold
+calibrated again."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also in a queued experiment's copy)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's code (also a queued experiment's copy)
 
 from sipa_core.quantize.stage import STAGE
 from sipa_core.stage_runner import stage_main

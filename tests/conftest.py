@@ -1,9 +1,13 @@
 """Shared fixtures."""
 
 import os
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
+
+from sipa_core.cli import main
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +27,6 @@ def run_script(capsys, monkeypatch):
     """Run a stage script (or ``-m sipa_core.cli``) in this process, as its
     ``__main__``: the same argument parsing, checks and exit status as a
     subprocess, without a second interpreter's start-up. Returns (status, stdout, stderr)."""
-    import runpy
-    import sys
 
     def run(script, *args, cwd=None):
         if cwd is not None:
@@ -33,8 +35,6 @@ def run_script(capsys, monkeypatch):
         code = 0
         try:
             if script == "sipa":
-                from sipa_core.cli import main
-
                 code = main(list(map(str, args))) or 0
             else:
                 runpy.run_path(str(script), run_name="__main__")

@@ -1,8 +1,12 @@
 """Small builders shared by tests: a tiny network and a tiny learnable data set."""
 
-import torch
+from dataclasses import asdict
 
-from sipa_core.data.prepare import PreparedData
+import torch
+import yaml
+
+from sipa_core.data.prepare import FORMAT, VERSION, PreparedData
+from sipa_core.io import atomic_torch_save
 from sipa_core.models import create_model, efficientnet_spec
 
 TINY_BLOCKS = ["r1_k3_s1_e1_i8_o8_se0.25", "r1_k3_s2_e2_i8_o16_se0.25"]
@@ -30,18 +34,9 @@ def tiny_data(n_train=64, n_val=16, n_test=16, num_classes=4, size=16, seed=0) -
 
 def save_prepared(data: PreparedData, path) -> None:
     """Write ``data`` in the prepare stage's file format."""
-    from dataclasses import asdict
-
-    from sipa_core.data.prepare import FORMAT, VERSION
-    from sipa_core.io import atomic_torch_save
-
     atomic_torch_save(path, {"format": FORMAT, "version": VERSION, **asdict(data)})
 
 
 def tiny_arch_yaml(path, num_classes=4) -> None:
-    import yaml
-
-    from sipa_core.models import efficientnet_spec
-
     spec = efficientnet_spec(TINY_BLOCKS, image_size=16, num_classes=num_classes, head=32)
     path.write_text(yaml.safe_dump(spec))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from sipa_core.checkpoint import load_model, save_model
 from sipa_core.cli import main
@@ -46,6 +47,7 @@ def assert_clean_failure(proc, *words):
         assert w in lines[0], lines[0]
 
 
+@pytest.mark.slow  # the console script in a subprocess
 def test_score_json_for_the_baseline():
     p = sipa_subprocess("score", "--arch", "sipa_baseline", "--json")
     assert p.returncode == 0, p.stderr
@@ -136,8 +138,6 @@ def test_archs_lists_the_registry(sipa):
 
 
 def test_check_params_accepts_both_profiles_and_names_a_bad_key(tmp_path, run_script):
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     for name in ("params.yaml", "profiles/paper.yaml"):
         code, out, err = run_script("sipa", "check-params", root / name)

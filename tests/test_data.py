@@ -273,6 +273,7 @@ def _run_stage(cwd: Path, params: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a stage subprocess per case
 @pytest.mark.parametrize("line, key", [
     ("  val_size: many\n", "prepare.val_size"),
     ("  classes: cat\n", "prepare.classes"),
@@ -285,6 +286,7 @@ def test_stage_rejects_wrong_types_with_exit_2(tmp_path, line, key):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a stage subprocess
 def test_stage_runs_from_another_cwd_with_relative_paths(tmp_path):
     make_folder(tmp_path / "imgs", {"a": 4, "b": 4}, {"a": 2, "b": 2})
     proc = _run_stage(tmp_path, "prepare:\n  source: imagefolder\n  root: imgs\n  val_size: 2\n")
@@ -370,7 +372,8 @@ def test_load_prepared_refuses_other_files(tmp_path):
     with pytest.raises(SipaError, match=rf"{other}: not a sipa-prepared data file"):
         load_prepared(other)
     partial = tmp_path / "partial.pt"
-    torch.save({"format": "sipa-prepared", "version": 1, "train_x": torch.zeros(1, 3, 2, 2, dtype=torch.uint8)}, partial)
+    torch.save({"format": "sipa-prepared", "version": 1, "train_x": torch.zeros(1, 3, 2, 2, dtype=torch.uint8)},
+               partial)
     with pytest.raises(SipaError, match=rf"{partial}: sipa-prepared file lacks train_y"):
         load_prepared(partial)
     garbage = tmp_path / "garbage.pt"

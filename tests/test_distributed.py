@@ -12,6 +12,7 @@ from helpers import tiny_data, tiny_model
 from sipa_core.train import configure_model, default_recipe, fit
 
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # torchrun: two training processes
 
 
 def test_two_processes_train_like_one_with_ghost_batchnorm(tmp_path):

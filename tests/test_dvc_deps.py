@@ -112,10 +112,13 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
         assert not have - need, f"dvc.yaml: stage {name} lists {sorted(have - need)}, which it never imports"
 
 
-def test_the_closure_sees_lazy_imports_and_package_inits():
+def test_the_closure_sees_lazy_imports_and_package_inits(tmp_path):
     files = closure(ROOT / "stages" / "prune.py")
     assert "sipa_core/__init__.py" in files and "sipa_core/prune/__init__.py" in files
-    assert "sipa_core/checkpoint.py" in files  # imported inside a function of prune/stage.py
+    assert "sipa_core/checkpoint.py" in files  # imported by prune/stage.py
+    lazy = tmp_path / "lazy.py"  # an import inside a function counts as much as one at the top
+    lazy.write_text("def f():\n    from sipa_core.prune.masks import sparsity\n")
+    assert _imports(lazy) == {"sipa_core", "sipa_core.prune", "sipa_core.prune.masks"}
     assert "sipa_core/io.py" in files and "sipa_core/params.py" in files and "sipa_core/paths.yaml" in files
     assert not any(f.startswith("sipa_core/search/") for f in files)
     assert "sipa_core/cli.py" not in files and "sipa_core/pipeline.py" not in files

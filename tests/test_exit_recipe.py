@@ -3,6 +3,7 @@ exit recipe (one-hot softsmoothing, no mixup) is confident on a real share of va
 one trained on the main network's recipe (label smoothing 0.3, mixup 1.0: the former inheritance)
 cannot be, since smoothed targets cap the confidence the loss asks for (3 classes: 0.8 < 0.85)."""
 
+import pytest
 import torch
 
 from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, softsmoothing_loss
@@ -35,6 +36,7 @@ def _train_exit(main, data, recipe) -> EarlyExitNetwork:
     return net
 
 
+@pytest.mark.slow  # real images: two exits trained on the CIFAR-10 folder
 def test_exit_recipe_gives_confident_exits_where_the_inherited_one_cannot(tmp_path, cifar10_jpeg):
     prepare({"source": "imagefolder", "root": str(cifar10_jpeg), "classes": ["airplane", "automobile", "frog"],
              "val_size": 150, "images_per_class": 300, "test_images_per_class": 10,

@@ -15,9 +15,11 @@ import torch
 import yaml
 
 from helpers import TINY_BLOCKS, save_prepared, tiny_arch_yaml, tiny_data
+from sipa_core.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLED = -signal.SIGKILL
+pytestmark = pytest.mark.slow  # fault injection: stage subprocesses killed and run again
 
 
 def stage(name, work: Path, fault: str | None = None):
@@ -120,7 +122,8 @@ def test_improve_resumes(reference, tmp_path, fault, resumed):
     ("prune", "models/improve.pt", "models/prune.pt", "step:15", "prune round 1: kept"),  # mid-round 2
     ("accelerate", "models/prune.pt", "models/accelerate.pt", "epoch:2", "resuming after epoch 2"),  # mid exit training
     ("accelerate", "models/prune.pt", "models/accelerate.pt", "exit:1", "kept from"),  # before the comparison exit
-    ("prune", "models/improve.pt", "models/prune.pt", "publish:1", "prune round 3: kept"),  # outputs written, not metrics
+    # outputs written, metrics not yet
+    ("prune", "models/improve.pt", "models/prune.pt", "publish:1", "prune round 3: kept"),
 ])
 def test_prune_and_accelerate_resume(reference, tmp_path, name, given, out, fault, resumed):
     clone_inputs(reference, tmp_path, given, f"metrics/{name}.json")  # + an earlier run's metrics
@@ -141,8 +144,6 @@ def test_prune_and_accelerate_resume(reference, tmp_path, name, given, out, faul
 def test_killed_write_leaves_the_old_file_whole(tmp_path):
     """A kill between writing the temporary file and the rename leaves the
     previous version in place, readable."""
-    from sipa_core.io import atomic_write_json
-
     target = tmp_path / "m.json"
     atomic_write_json(target, {"version": 1})
     code = ("import sys; from sipa_core.io import atomic_write_json; "

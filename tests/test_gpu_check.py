@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # a bash script running several trainings
 
 
 def test_gpu_check_dry_mode_runs_on_the_cpu():

@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+import sipa_core.improve.stage as improve_stage
 import sipa_core.train as train_mod
 from helpers import tiny_model, save_prepared, tiny_arch_yaml, tiny_data
 from sipa_core.improve import (CATEGORIES, TECHNIQUES, apply_techniques, greedy_select, improve, ordered,
                                read_config)
+from sipa_core.checkpoint import save_model
 from sipa_core.params import check_section
 from sipa_core.improve import OPTIONS_SCHEMA
-from sipa_core.train import default_recipe
+from sipa_core.train import default_recipe, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = check_section({}, OPTIONS_SCHEMA, file="t", section="improve.options")
@@ -68,7 +70,8 @@ def write_params(tmp_path, **improve_cfg):
            "base": {"lr": 0.0001, "schedule": "constant", "batch_size": 16, "weight_decay": 0.0},
            "options": {"larger_lr": 0.1}, "trial_epochs": 3, "final_epochs": 3,
            "out": str(tmp_path / "models/improve.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/improve.json"), "info": str(tmp_path / "info/improve.json"), "table": str(tmp_path / "plots/t.csv"),
+           "metrics": str(tmp_path / "metrics/improve.json"), "info": str(tmp_path / "info/improve.json"),
+           "table": str(tmp_path / "plots/t.csv"),
            "live": str(tmp_path / "live/improve"), "compare": str(tmp_path / "plots/compare.csv"),
            "search_model": str(tmp_path / "models/search/model.pt")}
     cfg.update(improve_cfg)
@@ -86,7 +89,7 @@ def test_stage_selects_trains_and_resumes(tmp_path, monkeypatch):
         calls.append(res.epochs - res.resumed_from)
         return res
 
-    monkeypatch.setattr(train_mod, "fit", counting_fit)
+    monkeypatch.setattr(improve_stage, "fit", counting_fit)  # where the stage looks it up
     m = improve(read_config(params), params_file=str(params), progress=False)
     assert m["adopted"].split(",")[0] == "larger_lr"  # lr 1e-4 learns nothing in 3 epochs; 0.1 does
     assert m["accuracy"] > m["base_accuracy"]
@@ -105,6 +108,7 @@ def test_stage_selects_trains_and_resumes(tmp_path, monkeypatch):
     assert again["accuracy"] == m["accuracy"]
 
 
+@pytest.mark.slow  # a stage subprocess per case
 @pytest.mark.parametrize("patch, message", [
     ({"candidates": ["mixp"]}, "improve.candidates: unknown technique 'mixp' (did you mean 'mixup'?)"),
     ({"trial_epochs": -2}, "improve.trial_epochs: must be >= 1, got -2"),
@@ -132,9 +136,6 @@ def test_every_selectable_technique_changes_the_recipe():
 
 
 def test_stabilize_runs_its_epochs_at_the_small_rate():
-    from helpers import tiny_data, tiny_model
-    from sipa_core.train import fit
-
     r = apply_techniques(default_recipe(epochs=1, batch_size=16, lr=0.05, mixup_alpha=1.0), ["stabilize"], OPTIONS)
     res = fit(tiny_model(), tiny_data(), r, progress=False)
     assert [h["lr"] for h in res.history] == [pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4))),
@@ -144,9 +145,6 @@ def test_stabilize_runs_its_epochs_at_the_small_rate():
 def test_a_network_worse_than_the_searched_one_is_said(tmp_path, capsys):
     """The search's trained network (here 8 epochs at lr 0.1) beats an improve run that learns
     nothing (1 epoch at lr 1e-4): the stage says so on stderr and in its metrics."""
-    from sipa_core.checkpoint import save_model
-    from sipa_core.train import fit
-
     (tmp_path / "models/search").mkdir(parents=True)
     tiny_arch_yaml(tmp_path / "models/search/arch.yaml")  # improve trains the search's architecture
     params = write_params(tmp_path, greedy=False, adopt=[], final_epochs=1, compare_base=False,

@@ -23,6 +23,7 @@ def _plan(*args):
     return out
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_plan_of_the_paper_profile_counts_its_trainings():
     out = _plan("profiles/paper.yaml", "--throughput", "18600", "--json")
     assert out.returncode == 0, out.stderr
@@ -40,6 +41,7 @@ def test_plan_of_the_paper_profile_counts_its_trainings():
     assert "| prune | 11 rounds | 11 | 600 | 45,000 | 297,000,000 | 63 px | 4.4 h |" in text
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_plan_of_the_quick_profile_and_bad_input():
     plan = json.loads(_plan("params.yaml", "--json").stdout)
     assert plan["data"] == {"classes": 10, "train": 2_000, "val": 500, "test": 2_000}

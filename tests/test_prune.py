@@ -3,6 +3,7 @@ removal, masks through training, per-tensor counting, and the stage."""
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,14 @@ import torch
 import yaml
 from torch import nn
 
+import sipa_core.prune.stage as prune_stage
 import sipa_core.train as train_mod
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.checkpoint import load_model, save_model
+from sipa_core.lineage import lineage_record
+from sipa_core.models import create_model
+from sipa_core.prune import gradual
+from sipa_core.prune.gradual import zhu_gupta
 from sipa_core.prune.masks import (apply_masks, full_masks, layer_table, magnitude_masks, prunable, refresh_spec,
                                remove_filters, sparsity)
 from sipa_core.prune import prune, read_config, select_round
@@ -123,7 +129,6 @@ def test_filter_pruning_gives_a_smaller_dense_model_equal_to_the_masked_one(scop
     # The spec records the new channel counts, so a checkpoint rebuilds the smaller network.
     spec = refresh_spec(m)
     assert spec["channels"]
-    from sipa_core.models import create_model
 
     rebuilt = create_model(spec)
     rebuilt.load_state_dict(m.state_dict())
@@ -189,8 +194,6 @@ def test_selection_rule():
 
 
 def _stage_params(tmp_path, trained_on=("train",), n_val=32, **prune_cfg):
-    from sipa_core.lineage import lineage_record
-
     data = tiny_data(n_train=96, n_val=n_val, n_test=32)
     save_prepared(data, tmp_path / "data.pt")
     model = tiny_model()
@@ -200,7 +203,8 @@ def _stage_params(tmp_path, trained_on=("train",), n_val=32, **prune_cfg):
     cfg = {"model": str(tmp_path / "improve.pt"), "data": str(tmp_path / "data.pt"),
            "schedule": [0.3, 0.5, 0.7], "epochs": 1, "recipe": {"lr": 0.02}, "max_drop": None,
            "out": str(tmp_path / "models/prune.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/prune.json"), "info": str(tmp_path / "info/prune.json"), "rounds_table": str(tmp_path / "plots/rounds.csv"),
+           "metrics": str(tmp_path / "metrics/prune.json"), "info": str(tmp_path / "info/prune.json"),
+           "rounds_table": str(tmp_path / "plots/rounds.csv"),
            "layers_table": str(tmp_path / "plots/layers.csv")}
     cfg.update(prune_cfg)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prune": cfg}))
@@ -208,8 +212,6 @@ def _stage_params(tmp_path, trained_on=("train",), n_val=32, **prune_cfg):
 
 
 def test_stage_runs_rounds_selects_and_resumes(tmp_path, monkeypatch):
-    from sipa_core.prune import prune
-
     params = _stage_params(tmp_path)
     cfg = read_config(params)
     m = prune(cfg, params_file=str(params), progress=False)
@@ -227,7 +229,7 @@ def test_stage_runs_rounds_selects_and_resumes(tmp_path, monkeypatch):
 
     # A second run trains nothing: every round's result is kept.
     calls = []
-    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(prune_stage, "fit", lambda *a, **k: calls.append(1))  # where the stage looks it up
     again = prune(read_config(params), params_file=str(params), progress=False)
     assert calls == [] and again["score"] == m["score"] and again["accuracy"] == m["accuracy"]
 
@@ -236,15 +238,13 @@ def test_stage_runs_rounds_selects_and_resumes(tmp_path, monkeypatch):
     for result in Path(cfg["state"]).glob("*/round_03/*"):
         result.unlink()
     real_fit = train_mod.fit
-    monkeypatch.setattr(train_mod, "fit", lambda *a, **k: calls.append(k["tag"]) or real_fit(*a, **k))
+    monkeypatch.setattr(prune_stage, "fit", lambda *a, **k: calls.append(k["tag"]) or real_fit(*a, **k))
     third = prune(read_config(params), params_file=str(params), progress=False)
     assert calls == ["prune-round-3"]
     assert third["score"] == m["score"] and third["accuracy"] == m["accuracy"]
 
 
 def test_stage_passes_the_input_through_when_no_round_qualifies(tmp_path):
-    from sipa_core.prune import prune
-
     params = _stage_params(tmp_path, schedule=[0.9], epochs=0, min_accuracy=1.0)
     m = prune(read_config(params), params_file=str(params), progress=False)
     assert m["passthrough"] and m["chosen_round"] == 0
@@ -255,8 +255,6 @@ def test_stage_passes_the_input_through_when_no_round_qualifies(tmp_path):
 
 
 def test_stage_filter_granularity_shrinks_the_network(tmp_path):
-    from sipa_core.prune import prune
-
     params = _stage_params(tmp_path, granularity="filter", schedule=[0.2, 0.4], epochs=1)
     m = prune(read_config(params), params_file=str(params), progress=False)
     saved, _ = load_model(tmp_path / "models/prune.pt")
@@ -310,8 +308,6 @@ def test_no_silent_fallback_to_test(tmp_path, run_script):
 
 
 def test_zhu_gupta_schedule_by_hand():
-    from sipa_core.prune.gradual import zhu_gupta
-
     # s_t = s_f + (s_i - s_f)(1 - t/T)^3 with s_i = 0, s_f = 0.8, T = 100
     assert zhu_gupta(0, 100, 0.0, 0.8) == 0.0
     assert zhu_gupta(50, 100, 0.0, 0.8) == pytest.approx(0.8 - 0.8 * 0.125)
@@ -320,11 +316,10 @@ def test_zhu_gupta_schedule_by_hand():
     assert all(b >= a for a, b in zip(values, values[1:])) and values[0] == pytest.approx(0.1)
 
 
+@pytest.mark.slow  # stage subprocesses, one killed
 def test_gradual_method_prunes_in_one_run_and_resumes(tmp_path, monkeypatch):
     """One training of epochs + gradual_finetune_epochs reaches the last target; the masks rise on
     the schedule (checked at every update) and a killed run resumes at its epoch."""
-    from sipa_core.prune import gradual
-
     seen = []
     real = gradual.magnitude_masks
     monkeypatch.setattr(gradual, "magnitude_masks", lambda m, k, t, **kw: seen.append(t) or real(m, k, t, **kw))
@@ -341,7 +336,6 @@ def test_gradual_method_prunes_in_one_run_and_resumes(tmp_path, monkeypatch):
 
     # Killed after its first epoch (mid-pruning), run again: it resumes at step 6 with the masks of
     # its weights, and ends with the weights of the uninterrupted run.
-    import os
 
     other = tmp_path / "killed"
     other.mkdir()

@@ -2,6 +2,10 @@
 from the layer shapes of sipa_baseline (forward hooks give each layer's output shape;
 the arithmetic below is written from the rules, not taken from the counter)."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -127,11 +131,8 @@ def test_bad_widths_are_errors():
     assert BitWidths(4, 4, overrides=(("stemm", 8, 8),)).unmatched(["stem", "stem.0"]) == ["stemm"]
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_sipa_score_estimates_a_quantized_network(shapes):
-    import json
-    import subprocess
-    import sys
-
     model, _ = shapes
     args = [sys.executable, "-m", "sipa_core.cli", "score", "--arch", "sipa_baseline", "--weight-bits", "4",
             "--act-bits", "4", "--layer-bits", "stem=8", "--layer-bits", "classifier=8:8", "--json"]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -126,8 +127,6 @@ def test_each_tensor_counts_its_own_sparsity():
 
 
 def test_torch_prune_masks_are_seen():
-    import torch.nn.utils.prune as prune
-
     linear = nn.Linear(20, 10)
     prune.l1_unstructured(linear, "weight", amount=0.75)  # keeps weight_orig and a weight_mask buffer
     s = count(nn.Sequential(nn.Flatten(), linear), (20, 1, 1)).summary()

@@ -12,8 +12,11 @@ import torch
 import yaml
 
 from helpers import TINY_BLOCKS, save_prepared, tiny_data
+from sipa_core.data import load_prepared
+from sipa_core.models import create_model, create_spec
+from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
 from sipa_core.search import (blocks_from, candidate, fitness, pareto_front, read_config, resolution_factor, search,
-                              stride_options)
+                              smallest_score, stride_options)
 from sipa_core.stage_common import resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +31,8 @@ def write_params(tmp_path, **search_cfg):
            "recipe": {"epochs": 2, "batch_size": 16, "lr": 0.05},
            "data": str(tmp_path / "data.pt"), "out_arch": str(tmp_path / "models/search/arch.yaml"),
            "out": str(tmp_path / "models/search/model.pt"), "state": str(tmp_path / "state"),
-           "metrics": str(tmp_path / "metrics/search.json"), "info": str(tmp_path / "info/search.json"), "table": str(tmp_path / "plots/trials.csv"),
+           "metrics": str(tmp_path / "metrics/search.json"), "info": str(tmp_path / "info/search.json"),
+           "table": str(tmp_path / "plots/trials.csv"),
            "pareto": str(tmp_path / "plots/pareto.csv")}
     for key, value in search_cfg.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -80,9 +84,6 @@ def test_the_paper_network_is_a_point_of_the_default_space(tmp_path):
     """sipa_baseline (its block strings; width 0.9, depth 1.0, r 1.4, phi 2) is a point of the
     default space: step 1 decodes it to the baseline's blocks, step 2 to its scaling, and the
     spec built from that point equals the registered one."""
-    from sipa_core.models import create_model, create_spec
-    from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
-
     params = tmp_path / "params.yaml"
     params.write_text("search: {}\n")
     cfg = read_config(params)
@@ -120,7 +121,6 @@ def test_search_trains_writes_and_feeds_improve(tmp_path):
     assert any(r.split(",")[12] == "yes" for r in rows[1:])  # a Pareto front is marked
     spec = yaml.safe_load((tmp_path / "models/search/arch.yaml").read_text())
     assert spec["family"] == "efficientnet" and spec["num_classes"] == 4
-    from sipa_core.data import load_prepared
 
     resolved, _ = resolve_arch(str(tmp_path / "models/search/arch.yaml"), load_prepared(tmp_path / "data.pt"), "t")
     assert resolved["blocks"] == spec["blocks"]
@@ -148,8 +148,6 @@ def test_a_changed_search_does_not_take_the_trials_of_another(tmp_path):
 
 
 def test_over_budget_candidates_are_rejected_before_training(tmp_path):
-    from sipa_core.search import smallest_score
-
     params = write_params(tmp_path, steps=["blocks"], max_evals=4)
     cfg = read_config(params)
     low = smallest_score(cfg, 4, 16)
@@ -164,6 +162,7 @@ def test_over_budget_candidates_are_rejected_before_training(tmp_path):
         assert not (tmp_path / "state/trials" / store.stem / str(r["tid"])).exists()
 
 
+@pytest.mark.slow  # stage subprocesses, one killed
 def test_killed_search_resumes_from_finished_trials(tmp_path):
     clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
     clean_dir.mkdir(), killed_dir.mkdir()
@@ -171,7 +170,10 @@ def test_killed_search_resumes_from_finished_trials(tmp_path):
     assert stage(params[clean_dir]).wait(timeout=600) == 0
     proc = stage(params[killed_dir])
     deadline = time.time() + 300
-    while time.time() < deadline and not ((store := trial_store(killed_dir)) and len(json.loads(store.read_text())) >= 2):
+    while time.time() < deadline:
+        store = trial_store(killed_dir)
+        if store and len(json.loads(store.read_text())) >= 2:
+            break
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -188,6 +190,7 @@ def test_killed_search_resumes_from_finished_trials(tmp_path):
     assert [r["blocks"] for r in after] == [r["blocks"] for r in clean]  # same proposals as uninterrupted
 
 
+@pytest.mark.slow  # a stage subprocess per case
 @pytest.mark.parametrize("patch, message", [
     ({"space": {"kernel": []}}, "search.space.kernel: must list at least one value"),
     ({"space": {"repeats": [3, 1]}}, "search.space.repeats: min 3 is above max 1"),
@@ -205,6 +208,7 @@ def test_bad_bounds_fail_before_any_trial(tmp_path, patch, message):
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.slow  # a Ray instance and its workers
 def test_ray_backend_two_concurrent_trials_and_warm_restart(tmp_path):
     pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'ray[tune]')")
     params = write_params(tmp_path, steps=["blocks"], max_evals=2, backend="ray", ray_concurrent=2,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.build_cifar10_subset import main as build_subset
 from sipa_core.data.prepare import load_prepared, prepare
 from sipa_core.data.sources import decode_images
 from sipa_core.data.subset import decode
@@ -26,7 +27,8 @@ def test_the_shipped_subset_is_small_balanced_and_says_where_it_comes_from():
 
 
 def test_prepare_reads_it_offline_by_default(tmp_path):
-    cfg = {"out": str(tmp_path / "d.pt"), "metrics": str(tmp_path / "m.json"), "info": str(tmp_path / "i.json")}  # every other key: the default
+    # every other key: the default
+    cfg = {"out": str(tmp_path / "d.pt"), "metrics": str(tmp_path / "m.json"), "info": str(tmp_path / "i.json")}
     m = prepare(cfg, progress=False)
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (2000, 500, 2000, 10)
     data = load_prepared(tmp_path / "d.pt")
@@ -41,9 +43,8 @@ def test_its_pixels_are_the_image_folders_and_the_script_rebuilds_it(tmp_path, c
         idx = [obj[part]["names"].index(n) for n in names]
         from_folder = decode_images([cifar10_jpeg / n for n in names], workers=0, progress=False)
         assert torch.equal(decode(obj[part], idx, None, SUBSET), from_folder), part
-    from scripts.build_cifar10_subset import main
 
-    main(["--root", str(cifar10_jpeg), "--out", str(tmp_path / "rebuilt.pt")])
+    build_subset(["--root", str(cifar10_jpeg), "--out", str(tmp_path / "rebuilt.pt")])
     rebuilt = load_checkpoint(tmp_path / "rebuilt.pt")
     for part in ("train", "test"):
         assert rebuilt[part]["names"] == obj[part]["names"]

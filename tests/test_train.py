@@ -30,8 +30,38 @@ def test_soft_targets_smoothing_and_mixing_sum_to_one():
     assert torch.allclose(tm.sum(1), torch.ones(4)) and not torch.equal(xm, x)
     xc, tc = cutmix(x, t, 1.0, g)
     assert torch.allclose(tc.sum(1), torch.ones(4))
-    changed = (xc != x).any(1).float().mean()  # the pasted area's share, up to equal pixels
-    assert 0 <= changed <= 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cutmix_pastes_a_box_of_a_partner_image_and_mixes_labels_by_its_area(seed):
+    """Every pixel of ``x`` differs (Gaussian noise), so where an output image differs from its
+    original shows the pasted box; the box must hold one other image's pixels at the same place,
+    the same box in every image, and each label must mix by the box's share of the image."""
+    n, h, w = 6, 12, 16
+    x = torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(100 + seed))
+    t = soft_targets(torch.arange(n) % 4, 4, 0.1)
+    xc, tc = cutmix(x, t, 1.0, torch.Generator().manual_seed(seed))
+    changed = (xc != x).any(1)  # n, h, w
+    box = changed.any(0)
+    rows, cols = box.any(1).nonzero().squeeze(1), box.any(0).nonzero().squeeze(1)
+    assert len(rows) and len(cols), "nothing was pasted"
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    assert box[y0:y1, x0:x1].all() and box.sum() == (y1 - y0) * (x1 - x0)  # one rectangle
+    area = (y1 - y0) * (x1 - x0) / (h * w)
+    assert area < 1
+    partners = []
+    for i in range(n):
+        if not changed[i].any():  # paired with itself: unchanged, its own label
+            assert torch.equal(xc[i], x[i]) and torch.allclose(tc[i], t[i])
+            continue
+        assert torch.equal(changed[i], box)  # the same box in every image that got another's
+        (j,) = [j for j in range(n) if torch.equal(xc[i, :, y0:y1, x0:x1], x[j, :, y0:y1, x0:x1])]
+        assert j != i
+        outside = ~box
+        assert torch.equal(xc[i][:, outside], x[i][:, outside])  # the rest is the original image
+        assert torch.allclose(tc[i], (1 - area) * t[i] + area * t[j])
+        partners.append(j)
+    assert len(partners) >= 2 and len(set(partners)) == len(partners)  # a permutation of the batch
 
 
 def test_random_crop_and_flip_are_per_image_windows():
@@ -41,7 +71,8 @@ def test_random_crop_and_flip_are_per_image_windows():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     offsets = set()
     for i in range(6):
-        hits = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
+        hits = [(dy, dx) for dy in range(5) for dx in range(5)
+                if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
         assert hits, "each crop is a window of its own padded image"
         offsets.add(hits[0])
     assert len(offsets) > 1  # offsets differ between images
@@ -122,7 +153,36 @@ def test_fp16_evaluation_uses_16_bit_weights():
     assert torch.equal(h.classifier.weight, model.classifier.weight.half().float())
     assert not torch.equal(h.classifier.weight, model.classifier.weight)
     data = tiny_data()
-    assert 0 <= evaluate(model, data, "test", fp16_weights=True) <= 1
+    assert evaluate(model, data, "test", fp16_weights=True) == evaluate(h, data, "test")
+
+
+class _RoundingProbe(nn.Module):
+    """Logits (w, c) whatever the image: ``w`` a weight of 1 + 4e-4, ``c`` a constant 1 + 2e-4 that
+    is not a parameter or buffer. In fp32, w > c (class 0); fp16 has a step of 2**-10 just above 1,
+    so w rounds to 1 < c (class 1). ``seen`` gets the weight each forward used (a copy of the
+    network, as the fp16 evaluation makes, still reports to the same list)."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(1 + 4e-4))
+        self.c = torch.tensor(1 + 2e-4)
+        self.report = lambda w: seen.append(w.detach().clone())  # a function: deepcopy shares it
+
+    def forward(self, x):
+        self.report(self.w)
+        return torch.stack([self.w, self.c]).expand(x.shape[0], 2)
+
+
+def test_fp16_evaluation_evaluates_the_fp16_rounded_weights():
+    data = tiny_data()
+    data.test_y = torch.zeros_like(data.test_y)  # class 0 everywhere: right in fp32, wrong in fp16
+    seen = []
+    probe = _RoundingProbe(seen)
+    assert evaluate(probe, data, "test") == 1.0 and seen[-1] == probe.w
+    assert evaluate(probe, data, "test", fp16_weights=True) == 0.0
+    assert probe.w.item() == pytest.approx(1 + 4e-4) and probe.w.dtype == torch.float32  # the model is untouched
+    # The weights the evaluation used were the model's, rounded to fp16 (and held as float32).
+    assert seen[-1].dtype == torch.float32 and seen[-1].item() == 1.0
 
 
 def test_fit_learns_and_is_deterministic(tmp_path):
@@ -149,7 +209,8 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path):
         loss = -(targets * torch.log_softmax(logits, 1)).sum(1).mean()
         return loss * float("nan") if calls["n"] == 6 else loss
 
-    with pytest.raises(SipaError, match=r"loss is nan at epoch 2, step 2; the last good state is .*state.pt \(epoch 1\)"):
+    message = r"loss is nan at epoch 2, step 2; the last good state is .*state.pt \(epoch 1\)"
+    with pytest.raises(SipaError, match=message):
         fit(tiny_model(), data, r, state_path=tmp_path / "state.pt", loss_fn=bad_loss, progress=False)
     assert torch.load(tmp_path / "state.pt", weights_only=True)["epoch"] == 1
 
@@ -177,11 +238,15 @@ TRAIN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # training subprocesses, one killed
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
     tests_dir = str(Path(__file__).parent)
-    run = lambda state, slow: [sys.executable, str(script), str(tmp_path / state), str(slow), tests_dir]
+
+    def run(state, slow):
+        return [sys.executable, str(script), str(tmp_path / state), str(slow), tests_dir]
+
     subprocess.run(run("clean.pt", 0), check=True, timeout=300)
 
     proc = subprocess.Popen(run("killed.pt", 0.05))

@@ -10,6 +10,7 @@ the same tensors.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -21,6 +22,7 @@ from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint, publish_metrics, publishing
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, read_section
+from sipa_core.runtime import provenance
 from sipa_core.stage_runner import Stage
 
 FORMAT = "sipa-prepared"
@@ -99,8 +101,6 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     split is planned before any image is decoded, so mistakes fail fast.
     ``params_file`` only names the file in messages. Returns the metrics.
     """
-    import time
-
     started = time.time()
     cfg = check_section(cfg, PREPARE_SCHEMA, file=params_file, section="prepare")
     where = f"{params_file}: prepare"
@@ -131,8 +131,6 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     data["source"] = {key: cfg[key] for key in _DATA_KEYS}
     with publishing(cfg["metrics"]):
         atomic_torch_save(cfg["out"], data)
-    from sipa_core.runtime import provenance
-
     metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
     publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics

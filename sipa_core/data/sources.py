@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from sipa_core.data.subset import decode, open_subset
 from sipa_core.errors import SipaError
 
 SOURCES = ("cifar10_subset", "cifar100", "cifar10", "imagefolder")
@@ -202,7 +203,7 @@ def _load_cifar(source: str, root: Path, download: bool, where: str) -> dict:
 
 
 def _open_cifar(source: str, root: Path) -> dict:
-    import torchvision.datasets  # slow import, only needed for these sources
+    import torchvision.datasets  # noqa: PLC0415 -- slow import (about 2 s), only needed for these sources
 
     cls = getattr(torchvision.datasets, _CIFAR[source][0])
     out = {}
@@ -215,7 +216,7 @@ def _open_cifar(source: str, root: Path) -> dict:
 
 def _download_cifar(source: str, root: Path) -> None:
     """Fetch and extract the archive; raises on any failure (tests replace this)."""
-    import torchvision.datasets
+    import torchvision.datasets  # noqa: PLC0415 -- slow import, only needed for these sources
 
     cls = getattr(torchvision.datasets, _CIFAR[source][0])
     old = socket.getdefaulttimeout()
@@ -252,7 +253,8 @@ def image_extensions() -> frozenset[str]:
     return frozenset(Image.registered_extensions())
 
 
-def scan_imagefolder(root: str | os.PathLike, where: str = "prepare") -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
+def scan_imagefolder(root: str | os.PathLike,
+                     where: str = "prepare") -> tuple[list[str], dict[str, dict[str, list[Path]]]]:
     """Class names (sorted subfolders of train) and ``{part: {class: sorted files}}``.
 
     Checks the layout; decodes nothing.
@@ -276,9 +278,11 @@ def scan_imagefolder(root: str | os.PathLike, where: str = "prepare") -> tuple[l
     if sorted(files["test"]) != names:
         missing = sorted(set(names) - set(files["test"]))
         extra = sorted(set(files["test"]) - set(names))
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+        parts = (([f"missing {', '.join(missing)}"] if missing else [])
+                 + ([f"extra {', '.join(extra)}"] if extra else []))
         raise SipaError(
-            f"{where}.root: {root / 'test'}: its class folders differ from those of {root / 'train'} ({'; '.join(parts)})"
+            f"{where}.root: {root / 'test'}: its class folders differ from those of {root / 'train'} "
+            f"({'; '.join(parts)})"
         )
     return names, files
 
@@ -314,8 +318,6 @@ def _plan_imagefolder(root, classes, per_class, image_size, seed, where) -> Sour
 
 def _plan_subset(path, classes, per_class, image_size, seed, where) -> SourcePlan:
     """The embedded subset file (``sipa_core.data.subset``), chosen like an image folder."""
-    from sipa_core.data.subset import decode, open_subset
-
     obj = open_subset(path, where)
     chosen = choose_classes(obj["classes"], classes, where)
     indices, labels = {}, {}

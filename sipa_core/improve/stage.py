@@ -13,18 +13,23 @@ never trained twice.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sipa_core.checkpoint import load_model, save_model
 from sipa_core.errors import SipaError
 from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_BASE, TECHNIQUES, Decision,
                                           _technique_list, apply_techniques, greedy_select, ordered)
-from sipa_core.io import atomic_write_text, publish_metrics, publishing
+from sipa_core.io import atomic_write_csv, atomic_write_text, publish_metrics, publishing
+from sipa_core.lineage import lineage_record
 from sipa_core.paths import PATHS, path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.resume import file_digest, keep, load_kept, run_key
+from sipa_core.stage_common import create_seeded_model, load_data, resolve_arch, stage_metrics
 from sipa_core.stage_runner import Stage
+from sipa_core.train import TrainingDiverged, configure_model, evaluate, fit
 from sipa_core.train.recipe import check_recipe
 
 IMPROVE_SCHEMA = {
@@ -68,9 +73,8 @@ def read_config(params_path: str | Path) -> dict:
 
 def write_compare(path: str | Path, curves: dict[str, list[dict]]) -> None:
     """Per epoch: the final recipe's and (with compare_base) the base recipe's validation accuracy,
-    training loss and learning rate (at the epoch's last step); written whatever the options, base columns empty when not trained."""
-    from sipa_core.io import atomic_write_csv
-
+    training loss and learning rate (at the epoch's last step); written whatever the options, base
+    columns empty when not trained."""
     epochs = max((len(h) for h in curves.values()), default=0)
     rows = [{"epoch": e + 1, **{f"{name}_{key}": h[e].get(key) for name, h in curves.items() if e < len(h)
                                 for key in ("val_acc", "train_loss", "lr")}} for e in range(epochs)]
@@ -103,9 +107,6 @@ class TrialRunner:
               live=None, need_model: bool = False):
         """(result dict, trained model or None when the result was kept or the run diverged).
         ``need_model``: skip the kept result and resume the run (a finished one trains nothing)."""
-        from sipa_core.stage_common import create_seeded_model
-        from sipa_core.train import TrainingDiverged, configure_model, fit
-
         recipe = check_recipe({**recipe, "epochs": epochs, "seed": seed}, file=self.params_file,
                               section="improve.base")
         model = configure_model(create_seeded_model(self.spec, seed, self.init), recipe)
@@ -136,8 +137,6 @@ class TrialRunner:
 
 def _check_inputs(cfg: dict, data, where: str):
     """The architecture spec and the init checkpoint, checked before any trial."""
-    from sipa_core.stage_common import create_seeded_model, resolve_arch
-
     spec, _ = resolve_arch(cfg["arch"], data, f"{where}.arch")  # architecture only; weights come from `init`
     init = Path(cfg["init"]) if cfg["init"] else None
     if init is not None and not init.is_file():
@@ -172,8 +171,6 @@ def _train_final(cfg: dict, runner: TrialRunner, adopted: list[str], data):
                                  train_splits=splits, val_split=val_split, live=cfg["live"], need_model=True)
     extra, curves = {}, {"final": result["history"]}
     if cfg["compare_base"]:
-        from sipa_core.train import evaluate
-
         result, base_model = runner.train(base, epochs=cfg["final_epochs"], seed=base["seed"], kind="base-final",
                                           train_splits=splits, val_split=val_split, need_model=True)
         extra["base_accuracy"] = evaluate(base_model, data, "test", fp16_weights=cfg["bits"] == 16)
@@ -183,10 +180,6 @@ def _train_final(cfg: dict, runner: TrialRunner, adopted: list[str], data):
 
 def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage: selection (or a fixed recipe), final training, outputs. Returns the metrics."""
-    from sipa_core.checkpoint import save_model
-    from sipa_core.lineage import lineage_record
-    from sipa_core.stage_common import load_data, stage_metrics
-
     started = time.time()
     where = f"{params_file}: improve"
     data = load_data(cfg["data"], f"{where}.data")
@@ -214,11 +207,6 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
 def _against_input(cfg: dict, data, metrics: dict) -> dict:
     """The search's trained network on validation (when improve trains the search's architecture,
     as in the pipeline): a stage that hands on a worse network says so."""
-    import sys
-
-    from sipa_core.checkpoint import load_model
-    from sipa_core.train import evaluate
-
     path = Path(cfg["search_model"])
     from_search = Path(cfg["arch"]).resolve().parent == path.resolve().parent  # the search's own result
     if not from_search or not path.is_file() or len(data.val_y) == 0:

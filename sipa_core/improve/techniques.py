@@ -4,6 +4,7 @@ loss-related, others), and the greedy selection over them."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -72,8 +73,6 @@ def _technique_list(value) -> str | None:
         return "must be a list of technique names"
     unknown = [v for v in value if v not in TECHNIQUES]
     if unknown:
-        import difflib
-
         near = difflib.get_close_matches(unknown[0], TECHNIQUES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
         return f"unknown technique {unknown[0]!r}{hint}; known: {', '.join(TECHNIQUES)}"

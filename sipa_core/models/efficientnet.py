@@ -45,7 +45,8 @@ class MBConv(nn.Module):
         self.project = ConvBNAct(mid, out_ch, 1, act=None, nominal=math.ceil(nominal / args.stride), **bn)
         self.residual = args.skip and args.stride == 1 and args.in_ch == args.out_ch
         if self.residual and in_ch != out_ch:
-            raise SipaError(f"architecture: a residual block needs as many output as input channels, got {in_ch} -> {out_ch}")
+            raise SipaError(f"architecture: a residual block needs as many output as input channels, "
+                            f"got {in_ch} -> {out_ch}")
         self.drop_rate = drop_rate
 
     def widths(self) -> dict:
@@ -231,7 +232,8 @@ def _check_channels(channels) -> dict:
         elif isinstance(key, str) and key.startswith("blocks.") and key[7:].isdigit() and isinstance(value, dict):
             bad = [k for k, v in value.items() if k not in ("mid", "se", "out") or not isinstance(v, int) or v < 1]
             if bad:
-                raise SipaError(f"architecture: channels.{key}.{bad[0]} must be one of mid/se/out with a positive integer")
+                raise SipaError(f"architecture: channels.{key}.{bad[0]} must be one of mid/se/out "
+                                f"with a positive integer")
             out[key] = dict(value)
         else:
             raise SipaError(f"architecture: unknown channels entry {key!r} (stem, head or blocks.N)")

@@ -19,6 +19,7 @@ Two granularities:
 from __future__ import annotations
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from sipa_core.errors import SipaError
@@ -158,8 +159,6 @@ def remove_filters(model: nn.Module, ratio: float, example: torch.Tensor, *, sco
     masked network whose outputs the smaller one must equal. Returns the
     number of channels removed.
     """
-    import torch_pruning as tp
-
     if not 0 <= ratio < 1:
         raise SipaError(f"filter pruning ratio must be in [0, 1), got {ratio}")
     if scope not in SCOPES:

@@ -18,14 +18,21 @@ from pathlib import Path
 
 import torch
 
+from sipa_core.checkpoint import load_model, save_model
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_csv, publish_metrics, publishing
+from sipa_core.lineage import input_lineage, refuse_trained_split
+from sipa_core.models import create_model
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, raw_section, refuse_keys
-from sipa_core.prune.masks import GRANULARITIES, NORMALIZATIONS, SCOPES
+from sipa_core.prune.gradual import GradualPruner
+from sipa_core.prune.masks import (GRANULARITIES, NORMALIZATIONS, SCOPES, apply_masks, layer_table, magnitude_masks,
+                                   masks_from_zeros, refresh_spec, remove_filters, sparsity)
 from sipa_core.resume import file_digest, keep, load_kept, run_key
+from sipa_core.stage_common import load_data, load_input_model, score_metrics, stage_metrics
 from sipa_core.stage_runner import Stage
+from sipa_core.train import configure_model, evaluate, fit
 from sipa_core.train.recipe import check_recipe
 
 # The paper's schedule (Appendix A.3): 10% steps to 50%, then 2.5% steps to 60%, then 2% steps to 64%.
@@ -134,10 +141,6 @@ class PruneRun:
     def row(self, model, k: int, target: float, *, filters: bool = False, epochs: int = 0) -> dict:
         """One line of the rounds table (the input model is round 0): evaluate, count. Sparsity is
         the masks' (``filters``: the fraction of the input's parameters removed)."""
-        from sipa_core.prune.masks import sparsity
-        from sipa_core.stage_common import score_metrics
-        from sipa_core.train import evaluate
-
         acc_select = evaluate(model, self.data, self.split, fp16_weights=self.fp16)
         acc_test = evaluate(model, self.data, "test", fp16_weights=self.fp16)
         s = score_metrics(model, self.data, self.cfg["bits"])
@@ -150,9 +153,6 @@ class PruneRun:
 
 def _prepare_run(cfg: dict, params_file: str, progress):
     """Data, input model and recipe, checked; the run folder keyed by everything that decides the rounds."""
-    from sipa_core.lineage import input_lineage, refuse_trained_split
-    from sipa_core.stage_common import load_data, load_input_model
-
     where = f"{params_file}: prune"
     data = load_data(cfg["data"], f"{where}.data")
     source = Path(cfg["model"])
@@ -178,8 +178,6 @@ def _prepare_run(cfg: dict, params_file: str, progress):
 
 def _prune_step(run: PruneRun, model, masks: dict, k: int, target: float):
     """Prune ``model`` to the round's cumulative target (masks, or whole filters removed)."""
-    from sipa_core.prune.masks import magnitude_masks, refresh_spec, remove_filters
-
     cfg = run.cfg
     if cfg["granularity"] == "weight":
         return magnitude_masks(model, masks, target, scope=cfg["scope"], normalize=cfg["normalize"])
@@ -195,10 +193,6 @@ def _prune_step(run: PruneRun, model, masks: dict, k: int, target: float):
 
 def _retrain(run: PruneRun, model, masks: dict, k: int, progress):
     """Fine-tune (or re-initialise and train) with the masks re-applied after every step."""
-    from sipa_core.models import create_model
-    from sipa_core.prune.masks import apply_masks
-    from sipa_core.train import configure_model, fit
-
     cfg = run.cfg
     if cfg["retrain"] == "reinit":
         torch.manual_seed(cfg["seed"] + k)
@@ -220,11 +214,6 @@ def _retrain(run: PruneRun, model, masks: dict, k: int, progress):
 def _gradual(run: PruneRun, model, progress):
     """Zhu-Gupta pruning to the schedule's last target in one training run (``epochs`` pruning
     epochs, then ``gradual_finetune_epochs`` at the final sparsity); masks kept after every step."""
-    from sipa_core.models import create_model
-    from sipa_core.prune.gradual import GradualPruner
-    from sipa_core.prune.masks import sparsity
-    from sipa_core.train import configure_model, fit
-
     cfg = run.cfg
     pruner = GradualPruner(sparsity(model), cfg["schedule"][-1], cfg["epochs"], cfg["gradual_every"],
                            cfg["scope"], cfg["normalize"])
@@ -240,8 +229,6 @@ def _gradual(run: PruneRun, model, progress):
 
 
 def _load_round(saved: dict):
-    from sipa_core.models import create_model
-
     model = create_model(saved["arch"])
     model.load_state_dict(saved["model"])
     return model
@@ -271,10 +258,6 @@ def _run_round(run: PruneRun, model, masks: dict, k: int, target: float, progres
 
 def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage; returns the metrics written to ``cfg['metrics']``."""
-    from sipa_core.checkpoint import load_model, save_model
-    from sipa_core.prune.masks import layer_table, masks_from_zeros
-    from sipa_core.stage_common import stage_metrics
-
     started = time.time()
     run, model = _prepare_run(cfg, params_file, progress)
     model.eval()

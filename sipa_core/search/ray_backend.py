@@ -16,14 +16,18 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
 from sipa_core.errors import SipaError
 from sipa_core.resume import run_key
+from sipa_core.search.space import candidate, hyperopt_space, jsonable, vals_from_point
+from sipa_core.search.trials import count_trials, evaluate_candidate, hyperopt_trials, trial_store
 
 
 def check_ray(where: str) -> None:
     try:
-        import ray  # noqa: F401
-        from ray.tune.search.hyperopt import HyperOptSearch  # noqa: F401
+        import ray  # noqa: F401, PLC0415 -- optional dependency (sipa[ray])
+        from ray.tune.search.hyperopt import HyperOptSearch  # noqa: F401, PLC0415
     except ImportError:
         raise SipaError(f"{where}.backend: ray needs Ray Tune installed (pip install 'ray[tune]'), "
                         f"or use backend: local") from None
@@ -31,11 +35,6 @@ def check_ray(where: str) -> None:
 
 def _trial(config, cfg=None, step=None, fixed=None, data=None, trials_dir=None):
     """One trial on a Ray worker: the local backend's candidate evaluation."""
-    import torch
-
-    from sipa_core.search.space import candidate, jsonable
-    from sipa_core.search.trials import evaluate_candidate
-
     torch.set_num_threads(max(1, int(cfg["ray_cpus_per_trial"])))
     h, _ = data.image_size
     blocks, scaling, spec = candidate(step, config, cfg, fixed, data.num_classes, h)
@@ -49,10 +48,7 @@ def _trial(config, cfg=None, step=None, fixed=None, data=None, trials_dir=None):
 
 def warm_searcher(step: str, cfg: dict, records: list[dict]):
     """Ray Tune's HyperOptSearch over the step's space, warm-started from the finished trials."""
-    from ray.tune.search.hyperopt import HyperOptSearch
-
-    from sipa_core.search.space import hyperopt_space, vals_from_point
-    from sipa_core.search.trials import hyperopt_trials
+    from ray.tune.search.hyperopt import HyperOptSearch  # noqa: PLC0415 -- optional dependency (sipa[ray])
 
     searcher = HyperOptSearch(hyperopt_space(step, cfg), metric="loss", mode="min",
                               n_initial_points=cfg["startup_trials"], random_state_seed=cfg["seed"] + len(records))
@@ -67,11 +63,10 @@ def warm_searcher(step: str, cfg: dict, records: list[dict]):
 
 def run_step_ray(step: str, cfg: dict, trial_data, fixed: dict, log=print) -> list[dict]:
     """Run (or finish) one search step on Ray Tune; returns its trial records (the local backend's format)."""
-    import ray
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-    from sipa_core.search.space import vals_from_point
-    from sipa_core.search.trials import count_trials, trial_store
+    import ray  # noqa: PLC0415 -- optional dependency (sipa[ray])
+    from ray import tune  # noqa: PLC0415
+    from ray.tune.search import ConcurrencyLimiter  # noqa: PLC0415
+
 
     store, trials_dir = trial_store(step, cfg, fixed)
     state = Path(cfg["state"]).resolve()

@@ -16,6 +16,8 @@ import numpy as np
 from sipa_core.models import efficientnet_spec
 from sipa_core.models.blocks import BlockArgs, round_filters
 from sipa_core.params import Field
+from sipa_core.scoring import count
+from sipa_core.stage_common import create_seeded_model
 
 
 def _choices(kind):
@@ -46,7 +48,8 @@ SCALING_KEYS = ("depth", "width", "r")
 
 SPACE_SCHEMA = {
     "kernel": Field(list, [3, 5], check=_choices(int), help="kernel sizes to choose from, per stage"),
-    "expand": Field(list, [4, 6], check=_choices(int), help="expansion ratios, per stage (the first stage keeps its own)"),
+    "expand": Field(list, [4, 6], check=_choices(int),
+                    help="expansion ratios, per stage (the first stage keeps its own)"),
     "repeats": Field(list, [1, 2], check=_range(int), help="[min, max] repeats per stage"),
     "channels": Field(list, [0.75, 1.0, 1.25], check=_choices((int, float)),
                       help="multipliers of the template's output channels, per stage"),
@@ -68,7 +71,7 @@ def stride_options(template: list[BlockArgs]) -> list[tuple[int, ...]]:
 
 
 def hyperopt_space(step: str, cfg: dict):
-    from hyperopt import hp
+    from hyperopt import hp  # noqa: PLC0415 -- heavy (about 2.5 s): only a search run needs it
 
     sp, template = cfg["space"], cfg["template_args"]
     if step == "scaling":
@@ -158,9 +161,6 @@ def jsonable(point: dict) -> dict:
 
 def smallest_score(cfg: dict, num_classes: int, image_size: int) -> float:
     """The score of the smallest network the space holds (a budget below it can never be met)."""
-    from sipa_core.stage_common import create_seeded_model
-    from sipa_core.scoring import count
-
     sp = cfg["space"]
     point = {"se_ratio": sp["se_ratio"][0]}
     for i in range(len(cfg["template_args"])):

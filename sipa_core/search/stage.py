@@ -20,15 +20,22 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
+
+from sipa_core.checkpoint import load_model, save_model
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_write_text, publish_metrics, publishing
+from sipa_core.lineage import lineage_record
 from sipa_core.models import create_spec, decode_blocks
 from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.search.ray_backend import check_ray, run_step_ray
 from sipa_core.search.space import SPACE_SCHEMA, create_candidate_spec, smallest_score
 from sipa_core.search.trials import best_of, run_step, subset_per_class, trial_id, write_tables
+from sipa_core.stage_common import create_seeded_model, load_data, stage_metrics
 from sipa_core.stage_runner import Stage
+from sipa_core.train import configure_model, fit
 from sipa_core.train.recipe import check_recipe
 
 
@@ -88,9 +95,6 @@ def read_config(params_path) -> dict:
 
 def _train_preset(cfg: dict, data, trial_data, progress):
     """``method: preset``: the registered architecture, trained once with the trial recipe."""
-    from sipa_core.stage_common import create_seeded_model
-    from sipa_core.train import configure_model, fit
-
     h, _ = data.image_size
     spec = create_spec(cfg["preset"], num_classes=data.num_classes, image_size=h)
     model = configure_model(create_seeded_model(spec, cfg["recipe"]["seed"]), cfg["recipe"])
@@ -104,8 +108,6 @@ def _run_steps(cfg: dict, data, trial_data, where: str, progress, log) -> list[d
     fixed, rows = {"blocks": list(cfg["template"])}, []
     for step in cfg["steps"]:
         if cfg["backend"] == "ray":
-            from sipa_core.search.ray_backend import run_step_ray
-
             records = run_step_ray(step, cfg, trial_data, fixed, log=log)
         else:
             records = run_step(step, cfg, data, trial_data, fixed, progress, log)
@@ -120,12 +122,8 @@ def _run_steps(cfg: dict, data, trial_data, where: str, progress, log) -> list[d
 
 def _search_space(cfg: dict, data, trial_data, where: str, progress, log):
     """``method: hyperopt | random``: the steps, then the best trial's trained network."""
-    from sipa_core.checkpoint import load_model
-
     h, _ = data.image_size
     if cfg["backend"] == "ray":
-        from sipa_core.search.ray_backend import check_ray
-
         check_ray(where)
     if len(data.val_y) == 0:
         raise SipaError(f"{where}.method: trials are compared on the validation split, but it is empty "
@@ -146,12 +144,6 @@ def _search_space(cfg: dict, data, trial_data, where: str, progress, log):
 
 def search(cfg: dict, *, params_file: str = "params.yaml", progress=None, log=print) -> dict:
     """Run the stage; returns its metrics."""
-    import yaml
-
-    from sipa_core.checkpoint import save_model
-    from sipa_core.lineage import lineage_record
-    from sipa_core.stage_common import load_data, stage_metrics
-
     started = time.time()
     where = f"{params_file}: search"
     data = load_data(cfg["data"], f"{where}.data")

@@ -8,18 +8,21 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sipa_core.checkpoint import save_model
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_json, atomic_write_text
 from sipa_core.resume import file_digest, run_key
 from sipa_core.runtime import record_training, training_cost
 from sipa_core.search.space import candidate, hyperopt_space, jsonable
+from sipa_core.stage_common import create_seeded_model, score_metrics
+from sipa_core.train import TrainingDiverged, configure_model, evaluate, fit
 
 
 def fitness(accuracy: float, score: float, cfg: dict) -> float:
@@ -86,8 +89,8 @@ def trial_store(step: str, cfg: dict, fixed: dict) -> tuple[TrialStore, Path]:
 
 def hyperopt_trials(records: list[dict]):
     """hyperopt ``Trials`` holding finished trial records (their raw ``vals`` and loss): TPE's history."""
-    from hyperopt import Trials
-    from hyperopt.base import JOB_STATE_DONE
+    from hyperopt import Trials  # noqa: PLC0415 -- heavy (about 2.5 s): only a search run needs it
+    from hyperopt.base import JOB_STATE_DONE  # noqa: PLC0415
 
     trials = Trials()
     for rec in records:
@@ -103,8 +106,8 @@ def hyperopt_trials(records: list[dict]):
 
 def propose(step: str, cfg: dict, records: list[dict], algo_name: str) -> tuple[dict, dict]:
     """The next point (decoded) and its raw hyperopt vals, given the finished trials."""
-    from hyperopt import rand, space_eval, tpe
-    from hyperopt.base import Domain
+    from hyperopt import rand, space_eval, tpe  # noqa: PLC0415 -- heavy (about 2.5 s): only a search run needs it
+    from hyperopt.base import Domain  # noqa: PLC0415
 
     space = hyperopt_space(step, cfg)
     trials = hyperopt_trials(records)
@@ -125,7 +128,6 @@ def subset_per_class(data, per_class: int | None, seed: int):
     """The prepared data with at most ``per_class`` training images per class (seeded)."""
     if per_class is None:
         return data
-    from dataclasses import replace
 
     g = torch.Generator().manual_seed(seed)
     keep = []
@@ -138,10 +140,6 @@ def subset_per_class(data, per_class: int | None, seed: int):
 
 def evaluate_candidate(spec: dict, cfg: dict, data, run_dir: Path, progress=None) -> dict:
     """Count, reject over budget, else train briefly and measure validation accuracy."""
-    from sipa_core.checkpoint import save_model
-    from sipa_core.stage_common import create_seeded_model, score_metrics
-    from sipa_core.train import TrainingDiverged, configure_model, evaluate, fit
-
     started = time.time()
     model = create_seeded_model(spec, cfg["recipe"]["seed"])
     s = score_metrics(model, data, cfg["bits"])
@@ -205,7 +203,8 @@ def write_tables(cfg: dict, rows: list[dict]) -> None:
     lines, pareto_lines = [head], ["score,accuracy,trial"]
     for r in rows:
         lines.append(f"{trial_id(r)},{r['step']},{r['status']},{r['score']:.6f},{r['accuracy']:.4f},"
-                     f"{r['fitness']:.4f},{r['params']:.0f},{r['ops']:.0f},{r['width']:.4f},{r['depth']:.4f},{r.get('r', '')},"
+                     f"{r['fitness']:.4f},{r['params']:.0f},{r['ops']:.0f},{r['width']:.4f},{r['depth']:.4f},"
+                     f"{r.get('r', '')},"
                      f"{r['resolution']:.4f},{'yes' if trial_id(r) in front else 'no'},{' '.join(r['blocks'])}")
     for r in sorted((r for r in rows if trial_id(r) in front), key=lambda r: r["score"]):
         pareto_lines.append(f"{r['score']:.6f},{r['accuracy']:.4f},{trial_id(r)}")

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
+from sipa_core.train.sipa_policy import SipaPolicy
+
 _POLICIES = {
     "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),  # 25 sub-policies
     "randaugment": lambda: v2.RandAugment(),
@@ -60,8 +62,6 @@ def make_policy(name: str, group: int = 8):
     if name == "none":
         return None
     if name == "sipa_cifar100":
-        from sipa_core.train.sipa_policy import SipaPolicy
-
         return SipaPolicy()
     return PolicyAugment(name, group)
 

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sipa_core.data.prepare import PreparedData
@@ -132,8 +133,6 @@ def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_split
     policy = make_policy(recipe["augment"], recipe["augment_group"])
     step_fn = model
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         step_fn = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if recipe["compile"]:
         step_fn = torch.compile(step_fn, mode=None if recipe["compile_mode"] == "default" else recipe["compile_mode"])
@@ -210,7 +209,7 @@ class _Live:
         self.live = None
         if directory is None:
             return
-        from dvclive import Live
+        from dvclive import Live  # noqa: PLC0415 -- heavy (about 3 s), and only when logging
 
         self.live = Live(dir=str(directory), resume=False, save_dvc_exp=False, dvcyaml=None)
         for row in history:
