@@ -16,6 +16,8 @@ from torch import nn
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint
 from sipa_core.models import create_model, create_spec, create_family_spec
+from sipa_core.params import load_yaml
+from sipa_core.quantize.qat import quantized_structure
 
 FORMAT = "sipa-checkpoint"
 VERSION = 1
@@ -70,8 +72,6 @@ def load_model(path, arch: dict | str | None = None) -> tuple[nn.Module, dict]:
     model = create_model(arch)
     quant = obj.get("quant") if isinstance(obj, dict) else None
     if quant:  # a quantized checkpoint: BatchNorm folded, Brevitas layers at its widths
-        from sipa_core.quantize.qat import quantized_structure
-
         try:
             quantized_structure(model, quant)
             model.load_state_dict(state, strict=True)  # Brevitas restores its lazily made scales itself
@@ -88,8 +88,6 @@ def create_spec_from(value: str, **overrides) -> tuple[dict, Path | None]:
     Returns the spec (with ``overrides``) and the checkpoint path when
     ``value`` named one. A YAML file may hold the spec itself or under ``arch``.
     """
-    from sipa_core.params import load_yaml
-
     path = Path(value)
     if value.endswith((".yaml", ".yml")):
         if not path.is_file():

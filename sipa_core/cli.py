@@ -1,207 +1,12 @@
-"""The ``sipa`` command: ``sipa score`` counts a model by the MicroNet rules."""
+"""The ``sipa`` command line: the parser, and ``main`` that hands a parsed command to
+``sipa_core.commands``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from sipa_core.errors import SipaError, exits_cleanly
-
-
-def _fmt(n: float) -> str:
-    return f"{n:,.0f}" if abs(n - round(n)) < 1e-6 else f"{n:,.2f}"
-
-
-def format_report(result, name: str, layers: bool) -> str:
-    s = result.summary()
-    lines = []
-    if layers:
-        rows = result.layer_table()
-        width = max([len("module")] + [len(r["module"] or "(model)") for r in rows])
-        lines.append(f"{'module':<{width}}  {'ops':<22} {'mults':>14} {'adds':>14} {'params bytes':>13}")
-        for r in rows:
-            lines.append(f"{r['module'] or '(model)':<{width}}  {r['ops'][:22]:<22} {_fmt(r['mults']):>14} "
-                         f"{_fmt(r['adds']):>14} {_fmt(r['params_bytes']):>13}")
-        lines.append("")
-    if result.blocks:
-        lines.append("cumulative ops at block ends: " + ", ".join(
-            f"{b.name.split('.')[-1]}:{b.ops / 1e6:.3f}M" for b in result.blocks))
-    lines += [
-        f"model           {name}  (input {tuple(result.input_shape[1:])}, {result.widths.label()})",
-        f"parameters      {_fmt(s['params'])} (32-bit equivalent), {s['params_mb']:.6f} MB,"
-        f" weight sparsity {s['weight_sparsity']:.2%}",
-        f"math ops        {_fmt(s['ops'])} (32-bit equivalent) = {_fmt(s['mults'])} mults at their input widths"
-        f" + {_fmt(s['adds'])} adds x {result.widths.add}/32",
-        f"params score    {s['params_score']:.6f}",
-        f"ops score       {s['ops_score']:.6f}",
-        f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)",
-    ]
-    return "\n".join(lines)
-
-
-def bit_widths(args, model):
-    """The counted widths from --bits/--weight-bits/--act-bits/--add-bits/--layer-bits; a
-    --layer-bits pattern that names no module of ``model`` is an error."""
-    from sipa_core.scoring import BitWidths
-
-    if getattr(args, "checkpoint_widths", None) is not None:
-        return args.checkpoint_widths
-    overrides = []
-    for item in args.layer_bits:
-        pattern, _, widths = item.partition("=")
-        w, _, a = widths.partition(":")
-        if not pattern or not w.isdigit() or (a and not a.isdigit()):
-            raise SipaError(f"sipa score: --layer-bits {item!r}: expected PATTERN=W or PATTERN=W:A")
-        overrides.append((pattern, int(w), int(a or w)))
-    weight = args.bits if args.weight_bits is None else args.weight_bits
-    act = args.bits if args.act_bits is None else args.act_bits
-    try:
-        widths = BitWidths(weight, act, args.add_bits, tuple(overrides))
-    except SipaError as err:
-        raise SipaError(f"sipa score: {err}") from None
-    unmatched = widths.unmatched(name for name, _ in model.named_modules())
-    if unmatched:
-        raise SipaError(f"sipa score: --layer-bits {unmatched[0]!r} matches no module of the model "
-                        f"(module names: sipa score --layers)")
-    return widths
-
-
-def cmd_score(args) -> int:
-    from sipa_core.checkpoint import load_model, create_spec_from
-    from sipa_core.models import create_model
-    from sipa_core.scoring import count
-
-    if args.arch is None and args.checkpoint is None:
-        raise SipaError("sipa score: give --arch NAME (or a spec .yaml) and/or --checkpoint PATH")
-    overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    spec = create_spec_from(args.arch, **overrides)[0] if args.arch else None
-    exit_record = None
-    if args.checkpoint:
-        model, meta = load_model(args.checkpoint, spec)
-        exit_record = meta.get("exit") if isinstance(meta.get("exit"), dict) else None
-        if meta.get("quant"):
-            model = _counted_at_own_widths(args, model, meta["quant"])
-    else:
-        model = create_model(spec)
-    size = args.input_size or model.spec.get("image_size", 32)
-    name = model.spec.get("name") or args.arch or args.checkpoint
-    if exit_record is not None or args.exit_after is not None:
-        return _score_with_exit(args, model, exit_record, size, name)
-    result = count(model, (3, size, size), bits=bit_widths(args, model), uniform_sparsity=args.uniform_sparsity)
-    if args.json:
-        out = result.summary()
-        out["arch"] = name
-        if args.layers:
-            out["layers"] = result.layer_table()
-            out["blocks"] = [{"name": b.name, "mults": b.mults, "adds": b.adds, "ops": b.ops}
-                             for b in result.blocks]
-        print(json.dumps(out, indent=2, default=list))
-    else:
-        print(format_report(result, name, args.layers))
-    return 0
-
-
-def _counted_at_own_widths(args, model, quant: dict):
-    """A quantized checkpoint is counted at the widths it was trained at, on its quantized
-    values (the float twin); width options would contradict it."""
-    from sipa_core.quantize.qat import float_twin
-    from sipa_core.scoring import BitWidths
-
-    given = [flag for flag, on in (("--bits", args.bits != 16), ("--weight-bits", args.weight_bits is not None),
-                                   ("--act-bits", args.act_bits is not None), ("--add-bits", args.add_bits != 32),
-                                   ("--layer-bits", bool(args.layer_bits))) if on]
-    if given:
-        raise SipaError(f"sipa score: {args.checkpoint} is quantized ({quant.get('label')}) and is counted at its "
-                        f"own widths; drop {given[0]}")
-    args.checkpoint_widths = BitWidths.from_dict(quant["widths"])
-    args.checkpoint_quant = quant
-    return float_twin(model)
-
-
-def _score_with_exit(args, model, record, size, name) -> int:
-    """A network with an early exit: parameters of both, expected ops at the exit ratio.
-    ``--uniform-sparsity`` applies to the main network (the exit is counted as it is)."""
-    from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost, from_record
-
-    quant = getattr(args, "checkpoint_quant", None)
-    if record is not None and args.exit_after is None:
-        net = from_record(model, record, args.checkpoint, quant=quant)
-        if quant:
-            from sipa_core.quantize.qat import float_twin
-
-            net.exit = float_twin(net.exit)
-        ratio = record["exit_ratio"] if args.exit_ratio is None else args.exit_ratio
-    else:
-        if not hasattr(model, "boundaries"):
-            raise SipaError("sipa score: --exit-after needs an EfficientNet-family network")
-        net = EarlyExitNetwork(model, exit_config(model, args.exit_after, args.exit_width))
-        ratio = 0.0 if args.exit_ratio is None else args.exit_ratio
-    if not 0 <= ratio <= 1:
-        raise SipaError(f"sipa score: --exit-ratio must be in [0, 1], got {ratio}")
-    widths = bit_widths(args, model)
-    cost = exit_cost(net, (3, size, size), bits=widths, main_uniform_sparsity=args.uniform_sparsity,
-                     exit_bits=widths.without_overrides() if quant else None)
-    s = cost.summary(ratio)
-    s.update(arch=name, exit_position=net.position, exit_bytes=cost.exit_bytes, exit_ops=cost.exit_ops,
-             path_ops=cost.path_ops, full_ops=cost.full_ops)
-    if args.json:
-        print(json.dumps(s, indent=2))
-        return 0
-    print("\n".join([
-        f"model           {name} + exit after block {net.position} (input {size}x{size}, {cost.widths.label()})",
-        f"parameters      {s['params_mb']:.6f} MB (main {cost.main_bytes / 1e6:.6f} + exit {cost.exit_bytes / 1e6:.6f})",
-        f"math ops        {_fmt(s['ops'])} expected at exit ratio {ratio:.4f} (path {_fmt(cost.path_ops)} + exit "
-        f"{_fmt(cost.exit_ops)}; full {_fmt(cost.full_ops)})",
-        f"params score    {s['params_score']:.6f}",
-        f"ops score       {s['ops_score']:.6f}",
-        f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)"]))
-    return 0
-
-
-def cmd_check_params(args) -> int:
-    from sipa_core.pipeline import check_params, inactive_keys, resolved_trainings
-
-    sections = check_params(args.file)
-    print(f"{args.file}: {', '.join(sections)} ok")
-    for line in inactive_keys(args.file):
-        print(f"inactive: {line}")
-    if args.resolved:
-        import yaml
-
-        print(yaml.safe_dump(resolved_trainings(args.file), sort_keys=False, width=110).rstrip())
-    return 0
-
-
-def cmd_archs(args) -> int:
-    from sipa_core.models import ARCHITECTURES, create_spec
-
-    for name in sorted(ARCHITECTURES):
-        spec = create_spec(name)
-        extra = ", ".join(f"{k}={spec[k]}" for k in ("width", "depth", "resolution", "widen") if k in spec)
-        print(f"{name:<18} {spec['family']:<13} {extra}")
-    return 0
-
-
-def cmd_plan(args) -> int:
-    """Every training a params file will run, with the images it processes and an estimated time."""
-    from sipa_core.plan import format_plan, measure_throughput, plan
-
-    if args.throughput is not None and args.throughput <= 0:
-        raise SipaError(f"sipa plan: --throughput must be a positive number of images/s, got {args.throughput}")
-    sizes, rows = plan(args.file)
-    throughput, note = args.throughput, ""
-    if throughput is None and args.measure:
-        throughput = measure_throughput(args.file)
-        note = " (measured here: the improving stage's base recipe, 5 timed steps)"
-    if args.json:
-        print(json.dumps({"data": sizes, "trainings": rows, "throughput": throughput,
-                          "total_images": sum(r["images"] for r in rows),
-                          "estimated_seconds": sum(r["images"] for r in rows) / throughput if throughput else None},
-                         indent=2))
-    else:
-        print(format_plan(sizes, rows, throughput, note))
-    return 0
+from sipa_core.errors import exits_cleanly
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,12 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-width", type=int, default=None, help="exit 1x1 width (default: the head width)")
     s.add_argument("--exit-ratio", type=float, default=None, metavar="R",
                    help="fraction of samples leaving at the exit (default: the checkpoint's, else 0)")
-    s.set_defaults(func=cmd_score)
+    s.set_defaults(run="score")
     c = sub.add_parser("check-params", help="check every stage's section of a params file")
     c.add_argument("file", nargs="?", default="params.yaml")
     c.add_argument("--resolved", action="store_true",
                    help="print every training's effective recipe (after presets, inheritance, overrides)")
-    c.set_defaults(func=cmd_check_params)
+    c.set_defaults(run="check_params")
     pl = sub.add_parser("plan", help="the trainings a params file will run, their images and estimated time")
     pl.add_argument("file", nargs="?", default="params.yaml")
     pl.add_argument("--throughput", type=float, default=None, metavar="IMG_PER_S",
@@ -240,16 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--measure", action="store_true",
                     help="without --throughput: measure it here with a short timed run (the base recipe's network)")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
-    pl.set_defaults(func=cmd_plan)
+    pl.set_defaults(run="plan")
     a = sub.add_parser("archs", help="list the registered architectures")
-    a.set_defaults(func=cmd_archs)
+    a.set_defaults(run="archs")
+    r = sub.add_parser("config-reference",
+                       help="print the configuration reference (every params key) generated from the stage schemas")
+    r.add_argument("--check", metavar="FILE", default=None,
+                   help="print nothing; exit 1 with one line if FILE differs from the reference")
+    r.set_defaults(run="config_reference")
     return p
 
 
 @exits_cleanly
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from sipa_core import commands  # noqa: PLC0415 (torch and every stage: `sipa --help` stays instant)
+
+    return getattr(commands, f"cmd_{args.run}")(args)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,20 @@ parameters change.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
 
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_write_csv, atomic_write_text, publish_metrics
+from sipa_core.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, publish_metrics
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.stage_runner import Stage
 
 STAGES = ("search", "improve", "prune", "accelerate", "quantize")
-STAGE_TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating", "quantize": "Quantizing"}
+STAGE_TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating",
+                "quantize": "Quantizing"}
 
 # The paper's Table 1 (CIFAR-100; parameters and FLOPS as printed there).
 PAPER_ROWS = [
@@ -142,16 +144,18 @@ def _exit_claim(m: dict) -> tuple:
     return claim, figures, ok
 
 
-def _loss_claim(m: dict) -> tuple:
+def _loss_claim(m: dict, info: dict | None) -> tuple:
     claim = "Softsmoothing exits beat cross-entropy exits (lower AURC, more images out at the same target)"
     ss, ce = m.get("aurc_softsmoothing"), m.get("aurc_cross_entropy")
     if m.get("passthrough"):
         return claim, "no exit kept, so no exit was compared", None
     if ss is None or ce is None:
         return claim, "one loss only (accelerate.compare_loss: false)", None
+    own = (info or {}).get("loss")
+    if own not in ("softsmoothing", "cross_entropy"):
+        return claim, "the chosen exit's loss is not recorded in the stage's run information", None
     # The chosen loss's exit is the stage's own keys; the compared one's carry its name.
-    own, other = (("cross_entropy", "softsmoothing") if "softsmoothing_exit_ratio" in m
-                  else ("softsmoothing", "cross_entropy"))
+    other = "cross_entropy" if own == "softsmoothing" else "softsmoothing"
     ratios = {own: m.get("exit_ratio"), other: m.get(f"{other}_exit_ratio")}
     accs = {own: m.get("accuracy"), other: m.get(f"{other}_accuracy")}
     r_ss, r_ce = ratios.get("softsmoothing"), ratios.get("cross_entropy")
@@ -162,19 +166,44 @@ def _loss_claim(m: dict) -> tuple:
     return claim, figures, ok
 
 
-def claims_markdown(stages: dict[str, dict]) -> str:
-    """The paper's claims against this run's test figures, one row each."""
+def claims_markdown(stages: dict[str, dict], infos: dict[str, dict | None] | None = None) -> str:
+    """The paper's claims against this run's test figures, one row each (``infos``: each stage's
+    run information, where the names it chose are recorded)."""
     rows = []
     if "improve" in stages:
         rows.append(_improve_claim(stages["improve"]))
     if "prune" in stages:
         rows.append(_prune_claim(stages["prune"], stages.get("improve")))
     if "accelerate" in stages:
-        rows += [_exit_claim(stages["accelerate"]), _loss_claim(stages["accelerate"])]
+        rows += [_exit_claim(stages["accelerate"]), _loss_claim(stages["accelerate"], (infos or {}).get("accelerate"))]
     lines = ["# The paper's claims on this run (test split; every choice made on validation)", "",
              "| claim | measured | verdict |", "|---|---|---|"]
     lines += [f"| {c} | {f} | {_verdict(ok)} |" for c, f, ok in rows]
     return "\n".join(lines) + "\n"
+
+
+def stages_figure(rows: list[dict], references: list[dict]) -> bytes:
+    """A PNG: test accuracy against score of the run's stages, in pipeline order; the paper's
+    stages (CIFAR-100, not comparable as results) in a side panel."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (heavy, only here)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    panels = [("this run", rows)] + ([("the paper (CIFAR-100)", references)] if references else [])
+    fig = Figure(figsize=(5.2 * len(panels), 4.2), dpi=110, layout="constrained")
+    for i, (title, points) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        shown = [r for r in points if r.get("accuracy") is not None]
+        xs, ys = [r["score"] for r in shown], [100 * r["accuracy"] for r in shown]
+        ax.plot(xs, ys, "-o", color="tab:blue" if i == 0 else "tab:gray", alpha=0.8)
+        for k, (r, x, y) in enumerate(zip(shown, xs, ys)):  # labels alternate above and below
+            ax.annotate(r["stage"].replace(" (paper)", ""), (x, y), textcoords="offset points",
+                        xytext=(5, 4 if k % 2 == 0 else -11), fontsize=8)
+        ax.set(title=title, xlabel="MicroNet score (lower is better)", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.15)
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
+    return buf.getvalue()
 
 
 SCORE_KEYS = ("accuracy", "params", "ops", "params_score", "ops_score", "score")
@@ -214,7 +243,9 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
                                           + _prepare_seconds(cfg["metrics_dir"]), 2)}
     atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"], cost))
     atomic_write_csv(cfg["table_csv"], rows, ["stage", *SCORE_KEYS])
-    atomic_write_text(cfg["claims"], claims_markdown(stages))
+    runs = _stage_info(cfg)
+    atomic_write_text(cfg["claims"], claims_markdown(stages, runs))
+    atomic_write_bytes(cfg["figure"], stages_figure(rows, PAPER_ROWS if cfg["references"] else []))
     summary = {}
     if rows:
         first, final = rows[0], rows[-1]
@@ -224,7 +255,7 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
     summary.update(wall_time_s=round(time.time() - started, 2), **cost)
     info = {"final_stage": cfg["stages"][-1] if cfg["stages"] else None,
             "stages": {s: {k: m[k] for k in SCORE_KEYS} for s, m in stages.items()},
-            "runs": _stage_info(cfg)}
+            "runs": runs}
     publish_metrics(cfg["summary"], {**summary, **info}, cfg["info"])
     return {**summary, **info}
 

@@ -35,7 +35,8 @@ def create_seeded_model(spec: dict, seed: int, init: Path | None = None) -> nn.M
     torch.manual_seed(seed)
     model = create_model(spec)
     if init is not None:
-        loaded, _ = load_model(init, spec)
+        loaded, meta = load_model(init, spec)
+        refuse_quantized(meta, init, "the weights to start from must be floating point")
         model.load_state_dict(loaded.state_dict())
     return model
 
@@ -49,10 +50,22 @@ def load_input_model(path: str | Path, data: PreparedData, where: str, producer:
         model, meta = load_model(path)
     except SipaError as err:
         raise SipaError(f"{where}: {err}") from None
+    try:
+        refuse_quantized(meta, path, f"this stage takes a floating-point checkpoint (the {producer} stage's)")
+    except SipaError as err:
+        raise SipaError(f"{where}: {err}") from None
     if model.spec.get("num_classes") != data.num_classes:
         raise SipaError(f"{where}: {path} predicts {model.spec.get('num_classes')} classes, "
                         f"the data has {data.num_classes}")
     return model, meta
+
+
+def refuse_quantized(meta: dict, path, why: str) -> None:
+    """A quantized checkpoint (the quantize stage's) where a floating-point one is needed is an error."""
+    quant = meta.get("quant") if isinstance(meta, dict) else None
+    if quant:
+        raise SipaError(f"{path} is already quantized ({quant.get('label', 'quantized')}, written by the quantize "
+                        f"stage); {why}")
 
 
 def load_data(path: str | Path, where: str) -> PreparedData:

@@ -14,7 +14,12 @@ import yaml
 
 from helpers import save_prepared, tiny_arch_yaml, tiny_data, tiny_model
 from sipa_core.checkpoint import save_model
+from sipa_core.errors import SipaError
+from sipa_core.lineage import lineage_record
 from sipa_core.models import create_model
+from sipa_core.quantize.qat import calibrate, fold_batchnorm, quantize_modules
+from sipa_core.scoring.bits import BitWidths
+from sipa_core.train import default_recipe, fit, soft_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTINEL = '{"score": 0.5}\n'
@@ -29,8 +34,6 @@ class Payload:
 def project(tmp_path_factory):
     """Inputs every case starts from: data, an architecture, checkpoints good and bad."""
     d = tmp_path_factory.mktemp("bad")
-    from sipa_core.lineage import lineage_record
-
     data = tiny_data()
     save_prepared(data, d / "data.pt")
     tiny_arch_yaml(d / "arch.yaml")
@@ -40,6 +43,13 @@ def project(tmp_path_factory):
     torch.save([1, 2, 3], d / "foreign.pt")
     torch.save({"format": "sipa-checkpoint", "model": {}, "x": Payload()}, d / "evil.pt", pickle_module=pickle)
     save_model(d / "other_arch.pt", create_model("sipa_baseline_32", num_classes=4))
+    widths = BitWidths(8, 8, 32)  # a quantize stage's checkpoint: BatchNorm folded, Brevitas layers
+    quantized = tiny_model().eval()
+    fold_batchnorm(quantized)
+    quantize_modules(quantized, widths)
+    calibrate(quantized, [data.train_x[:8].float() / 255])
+    save_model(d / "quantized.pt", quantized, lineage=lineage_record(data, ["train"]),
+               quant={"widths": widths.as_dict(), "label": widths.label(), "batchnorm_folded": True})
     (d / "empty_folder/train").mkdir(parents=True)
     (d / "empty_folder/test").mkdir(parents=True)
     for split in ("train", "test"):
@@ -67,7 +77,8 @@ CASES = [
     ("improve", {"improve": {"base": {"epochs": -3}}}, "improve.base.epochs"),
     ("prune", {"prune": {"schedule": [0.5, 1.0]}}, "prune.schedule: every target must be in (0, 1)"),
     ("prune", {"prune": {"schedule": []}}, "prune.schedule: must list at least one"),
-    ("accelerate", {"accelerate": {"thresholds": [0.5, 1.2]}}, "accelerate.thresholds: every threshold must be in [0, 1]"),
+    ("accelerate", {"accelerate": {"thresholds": [0.5, 1.2]}},
+     "accelerate.thresholds: every threshold must be in [0, 1]"),
     ("accelerate", {"accelerate": {"table_thresholds": [-0.1]}}, "accelerate.table_thresholds"),
     ("accelerate", {"accelerate": {"positions": [7]}}, "accelerate.positions: block 7 is past"),
     ("prune", {"prune": {"model": "missing.pt"}}, "prune.model: checkpoint missing.pt not found"),
@@ -84,6 +95,10 @@ CASES = [
     ("prepare", {"prepare": {"root": "broken_folder"}}, "prepare.root: broken_folder/t"),  # + "cannot read image"
 
     ("report", {"report": {"stages": ["prun"]}}, "report.stages: unknown stage 'prun'"),
+    # A checkpoint of the wrong kind: the quantize stage's, where a floating-point network is needed.
+    ("prune", {"prune": {"model": "quantized.pt"}}, "prune.model: quantized.pt is already quantized (W8A8"),
+    ("accelerate", {"accelerate": {"model": "quantized.pt"}}, "accelerate.model: quantized.pt is already quantized"),
+    ("improve", {"improve": {"init": "quantized.pt"}}, "improve.init: quantized.pt is already quantized"),
 ]
 
 
@@ -135,6 +150,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(project, case, run_script):
     assert metrics.read_text() == SENTINEL  # nothing already written is lost or half-written
 
 
+@pytest.mark.slow  # fault injection: a stage subprocess under a file-size limit
 def test_full_disk_while_writing_keeps_the_old_file(project, tmp_path):
     """A file-size limit makes the checkpoint write fail like a full disk does:
     one line, exit 2, the previous checkpoint and metrics untouched."""
@@ -162,9 +178,6 @@ def test_full_disk_while_writing_keeps_the_old_file(project, tmp_path):
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(project, tmp_path):
-    from sipa_core.errors import SipaError
-    from sipa_core.train import default_recipe, fit, soft_cross_entropy
-
     calls = []
 
     def poisoned(logits, targets, labels):  # the first step of epoch 2 (4 steps per epoch) goes NaN
@@ -173,7 +186,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(projec
         return loss * float("nan") if len(calls) == 5 else loss
 
     state = tmp_path / "state.pt"
-    with pytest.raises(SipaError, match=r"loss is nan at epoch 2, step 1; the last good state is .*state.pt \(epoch 1\)"):
+    with pytest.raises(SipaError,
+                       match=r"loss is nan at epoch 2, step 1; the last good state is .*state.pt \(epoch 1\)"):
         fit(tiny_model(), tiny_data(), default_recipe(epochs=3, batch_size=16), state_path=state, loss_fn=poisoned,
             val_split=None, progress=False)
     saved = torch.load(state, weights_only=True)

@@ -11,10 +11,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
+
+from sipa_core.accelerate import load_early_exit
+from sipa_core.checkpoint import load_model
+from sipa_core.data.prepare import load_prepared
+from sipa_core.scoring import count
+from sipa_core.train import evaluate, half_weights, normalized
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = yaml.safe_load((ROOT / "sipa_core/paths.yaml").read_text())["paths"]
+pytestmark = pytest.mark.slow  # dvc end to end, in a temporary repository
 
 
 def run(cmd, cwd, env, check=True):
@@ -56,7 +65,9 @@ TINY_IMPROVE = dict(candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
 
 
 TINY_PRUNE = dict(schedule=[0.3, 0.5, 0.6], epochs=1, max_drop=None)
-TINY_ACCELERATE = dict(positions=[2], epochs=1, thresholds=[0.2, 0.4, 0.6, 0.8], max_drop=0.3)
+# allow_no_exit: false keeps an exit whatever its score, so the end-to-end run covers the exit
+# branch of accelerate and quantize (the rule travelling in the checkpoint included).
+TINY_ACCELERATE = dict(positions=[2], epochs=1, thresholds=[0.2, 0.4, 0.6, 0.8], max_drop=0.3, allow_no_exit=False)
 TINY_QUANTIZE = dict(epochs=1, exit_epochs=1, compare_widths=["W4A4"], calibration_batches=1)
 ALL = {"prepare", "search", "improve", "prune", "accelerate", "quantize", "report"}
 
@@ -95,15 +106,20 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     assert (m["train_images"], m["val_images"], m["test_images"], m["num_classes"]) == (250, 50, 100, 10)
     assert json.loads((path / "metrics/search.json").read_text())["trials"] == 2
     assert (path / "models/search/arch.yaml").is_file() and (path / "plots/search_trials.csv").is_file()
-    imp = json.loads((path / "metrics/improve.json").read_text())
-    assert 0 <= imp["accuracy"] <= 1 and imp["score"] > 0
+    _check_improve_metrics(path)
     pr = json.loads((path / "metrics/prune.json").read_text())
     assert pr["chosen_round"] == 3 and pr["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert len((path / "plots/prune_rounds.csv").read_text().splitlines()) == 5
-    acc = json.loads((path / "metrics/accelerate.json").read_text())
-    assert "exit_ratio" in acc and "threshold" in acc
+    acc = _check_accelerate_metrics(path)
+    assert not acc["passthrough"]  # allow_no_exit: false
     quant = json.loads((path / "metrics/quantize.json").read_text())
     assert (quant["weight_bits"], quant["act_bits"]) == (8, 8) and quant["sparsity"] >= quant["input_sparsity"]
+    # The quantizing stage chose its threshold by the rule accelerate recorded, from the checkpoint.
+    rule = load_model(path / PATHS["accelerate"]["out"])[1]["exit"]["rule"]
+    assert rule == {"thresholds": TINY_ACCELERATE["thresholds"], "min_accuracy": None, "max_drop": 0.3}
+    if quant["exit_kept"]:
+        assert load_model(path / PATHS["quantize"]["out"])[1]["exit"]["rule"] == rule
+        assert quant["threshold"] in rule["thresholds"] and quant["val_accuracy"] >= quant["val_target"] - 1e-9
     assert abs(quant["onnx_accuracy"] - quant["accuracy"]) <= 0.003
     summary = json.loads((path / "metrics/summary.json").read_text())
     assert summary["score"] == quant["score"] and quant["params_score"] < acc["params_score"]
@@ -142,6 +158,42 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     assert diff["metrics/prune.json"]["score"]["diff"] < 0  # sparser: a lower score
     shown = run(["dvc", "metrics", "diff"], path, env).stdout
     assert "metrics/prune.json" in shown and "score" in shown
+
+
+def _check_improve_metrics(path):
+    """The improve metrics describe the checkpoint it wrote: the counter's score of that
+    checkpoint, and its test accuracy re-evaluated (fp16 weights under the 16-bit score)."""
+    imp = json.loads((path / PATHS["improve"]["metrics"]).read_text())
+    data = load_prepared(path / PATHS["prepare"]["out"])
+    model, _ = load_model(path / PATHS["improve"]["out"])
+    counted = count(model, (3, *data.image_size), bits=imp["weight_bits"]).summary()
+    assert imp["score"] > 0 and imp["score"] == pytest.approx(counted["score"], rel=1e-9)
+    fp16 = imp["weight_bits"] == 16
+    assert imp["accuracy"] == pytest.approx(evaluate(model, data, "test", fp16_weights=fp16), abs=1e-9)
+    assert imp["accuracy_fp32"] == pytest.approx(evaluate(model, data, "test"), abs=1e-9)
+
+
+def _check_accelerate_metrics(path) -> dict:
+    """An exit kept: its position and threshold in the metrics and the checkpoint, and the test
+    exit ratio that the checkpoint's exit gives at that threshold (a sample leaves when its
+    maximum softmax is above it). No exit: the main network passes through, nothing set."""
+    acc = json.loads((path / PATHS["accelerate"]["metrics"]).read_text())
+    checkpoint = path / PATHS["accelerate"]["out"]
+    if acc["passthrough"]:
+        assert acc["threshold"] is None and acc["exit_position"] is None and acc["exit_ratio"] == 0.0, acc
+        assert "exit" not in load_model(checkpoint)[1]
+        return acc
+    net, record = load_early_exit(checkpoint)
+    assert acc["exit_position"] == record["position"] is not None and acc["threshold"] == record["threshold"]
+    assert 0 <= acc["threshold"] <= 1 and acc["val_exit_ratio"] > 0
+    data = load_prepared(path / PATHS["prepare"]["out"])
+    x, _ = data.split("test")
+    scored = half_weights(net) if acc["weight_bits"] == 16 else net
+    with torch.no_grad():
+        confidence = F.softmax(scored.eval()(normalized(x, data.mean, data.std)).float(), 1).amax(1)
+    ratio = float((confidence > acc["threshold"]).float().mean())
+    assert acc["exit_ratio"] > 0 and acc["exit_ratio"] == pytest.approx(ratio, abs=1e-6), (acc["exit_ratio"], ratio)
+    return acc
 
 
 def _remote_round_trip(path, env):
@@ -200,7 +252,7 @@ def _wait_for_queue(path, env, name, timeout=900) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], path, env).stdout
-        line = next((l for l in status.splitlines() if name in l), "")
+        line = next((row for row in status.splitlines() if name in row), "")
         if "Success" in line or "Failed" in line:
             return line
         time.sleep(3)

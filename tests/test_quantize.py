@@ -3,6 +3,7 @@ kept through QAT, the exit re-calibrated on validation, quantized checkpoints lo
 and counted at their own widths, and bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def _params(tmp_path, root, acc, **quant):
            "metrics": str(tmp_path / "metrics/q.json"), "info": str(tmp_path / "info/q.json"),
            "table": str(tmp_path / "plots/q.csv"), **quant}
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"quantize": cfg, "accelerate": {k: acc[k] for k in ("thresholds", "max_drop")}}))
+    path.write_text(yaml.safe_dump({"quantize": cfg}))  # the exit rule comes from the checkpoint, not params
     return path
 
 
@@ -97,6 +98,7 @@ def test_quantized_layers_take_their_widths_and_keep_zeros():
     assert twin(x).shape == model.eval()(x).shape
 
 
+@pytest.mark.slow  # QAT runs and CLI subprocesses
 def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, accelerated):
     root, acc = accelerated
     params = _params(tmp_path, root, acc)
@@ -115,6 +117,8 @@ def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, acceler
     # The checkpoint loads (weights_only) as the quantized structure and reproduces the figures.
     main, meta = load_model(tmp_path / "models/q.pt")
     assert meta["quant"]["widths"]["weight"] == 8
+    # The threshold was chosen by the rule the accelerate stage recorded, and the rule travels on.
+    assert meta["exit"]["rule"] == {"thresholds": acc["thresholds"], "min_accuracy": None, "max_drop": acc["max_drop"]}
     out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "score", "--checkpoint",
                           str(tmp_path / "models/q.pt"), "--json"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -156,13 +160,12 @@ def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run
     assert code == 2 and "is already quantized (W8A8" in err, err
 
 
+@pytest.mark.slow  # stage subprocesses, one killed
 def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated):
     """Killed after its first QAT epoch and run again: it resumes there (not from scratch) and ends
     near the uninterrupted run's weights. Not bit-identical, unlike the float stages: the exit's
     calibration used to re-calibrate the main network's trained scales when that network came
     from a state dict (fixed: largest difference 0.014 -> 0.0066); what is left is not isolated."""
-    import os
-
     root, acc = accelerated
     outs = {}
     for name, fault in (("whole", None), ("killed", "epoch:1")):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from sipa_core.report import read_config, report
 
@@ -22,8 +23,10 @@ def _metrics(tmp_path, **scores):
 
 def _params(tmp_path, **cfg):
     base = {"metrics_dir": str(tmp_path / "metrics"), "summary": str(tmp_path / "metrics/summary.json"),
-            "table": str(tmp_path / "reports/table1.md"), "table_csv": str(tmp_path / "plots/summary.csv"), "info_dir": str(tmp_path / "info"),
-            "info": str(tmp_path / "info/report.json"), "claims": str(tmp_path / "reports/claims.md")}
+            "table": str(tmp_path / "reports/table1.md"), "table_csv": str(tmp_path / "plots/summary.csv"),
+            "info_dir": str(tmp_path / "info"),
+            "info": str(tmp_path / "info/report.json"), "claims": str(tmp_path / "reports/claims.md"),
+            "figure": str(tmp_path / "reports/stages.png")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {**base, **cfg}}))
     return tmp_path / "params.yaml"
 
@@ -55,6 +58,21 @@ def test_table_and_summary(tmp_path):
     assert "| Quantizing (W8A4) | 50.00%" in (tmp_path / "reports/table1.md").read_text()
     csv = (tmp_path / "plots/summary.csv").read_text().splitlines()
     assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 6
+
+
+def test_the_figure_draws_the_stages_and_the_papers_side_panel(tmp_path):
+    """reports/stages.png: accuracy against score, the run's stages and (with references) the paper's."""
+    _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005, quantize=0.0025)
+    sizes = {}
+    for references in (True, False):
+        params = _params(tmp_path, references=references)
+        report(read_config(params), params_file=str(params))
+        with Image.open(tmp_path / "reports/stages.png") as image:
+            assert image.format == "PNG"
+            sizes[references] = image.size
+            colours = len(image.convert("RGB").getcolors(maxcolors=1 << 20))
+        assert colours > 50  # drawn: axes, labels, points; not a blank canvas
+    assert sizes[True][0] > 1.8 * sizes[False][0]  # the side panel is there only with the references
 
 
 def test_missing_or_broken_metrics_exit_2(tmp_path, run_script):
@@ -91,6 +109,8 @@ def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
     for stage, values in extra.items():
         path = tmp_path / "metrics" / f"{stage}.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    (tmp_path / "info").mkdir()
+    (tmp_path / "info/accelerate.json").write_text(json.dumps({"loss": "softsmoothing"}))  # the chosen loss
     params = _params(tmp_path)
     report(read_config(params), params_file=str(params))
     rows = [line for line in (tmp_path / "reports/claims.md").read_text().splitlines() if line.startswith("| ")]
@@ -100,6 +120,15 @@ def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
     assert "60.0% of the prunable weights removed (60.0% of the counted parameter bytes)" in rows[2]
     assert "expected ops -20.0% (exit ratio 40.0%), test accuracy -0.60 pp" in rows[3]
     assert "softsmoothing 40.0% out, test 79.00%, cross-entropy 30.0% out, test 78.90%" in rows[4]
+    # The loss the stage recorded decides which keys are whose, not which keys exist.
+    (tmp_path / "info/accelerate.json").write_text(json.dumps({"loss": "cross_entropy"}))
+    report(read_config(params), params_file=str(params))
+    row = (tmp_path / "reports/claims.md").read_text().splitlines()[-1]
+    assert "softsmoothing no threshold meets the target, cross-entropy 40.0% out, test 79.00%" in row
+    (tmp_path / "info/accelerate.json").unlink()
+    report(read_config(params), params_file=str(params))
+    row = (tmp_path / "reports/claims.md").read_text().splitlines()[-1]
+    assert "loss is not recorded" in row and row.endswith("| not measured |")
 
 
 def test_claims_say_why_no_exit_was_kept(tmp_path):

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sipa_core.checkpoint import fit_state_dict
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import make_activation
+from sipa_core.quantize.qat import quantized_structure
 from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, BitWidths, count, expected_ops
 
 LOSSES = ("softsmoothing", "cross_entropy")
@@ -97,16 +99,12 @@ class EarlyExitNetwork(nn.Module):
 def from_record(main: nn.Module, record: dict, path="checkpoint", quant: dict | None = None) -> EarlyExitNetwork:
     """The network a checkpoint's ``exit`` record describes (config + weights); ``quant``: the
     checkpoint's quantization record (the exit is then built quantized, at the default widths)."""
-    from sipa_core.checkpoint import fit_state_dict
-
-    cfg = {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio", "loss")}
+    cfg = {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio", "loss", "rule")}
     try:
         net = EarlyExitNetwork(main, cfg)
     except (KeyError, TypeError) as err:
         raise SipaError(f"{path}: malformed exit record ({err})") from None
     if quant:
-        from sipa_core.quantize.qat import quantized_structure
-
         quantized_structure(net.exit, quant, exit_module=True)
         try:
             net.exit.load_state_dict(record["state"], strict=True)  # Brevitas restores its scales itself
@@ -169,7 +167,8 @@ class ExitCost:
                 "score": params_bytes / REFERENCE_BYTES + ops / REFERENCE_OPS, "exit_ratio": ratio}
 
 
-def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16, main_uniform_sparsity: float | None = None,
+def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16,
+              main_uniform_sparsity: float | None = None,
               exit_uniform_sparsity: float | None = None, exit_bits: int | BitWidths | None = None) -> ExitCost:
     """Count the main network (with its per-block cumulative costs) and the exit module once;
     the cost at any exit ratio follows without counting again. ``exit_bits``: the exit's

@@ -17,16 +17,24 @@ from pathlib import Path
 
 import torch
 
-from sipa_core.accelerate.exits import LOSSES
+from sipa_core.accelerate.exits import (LOSS_FUNCTIONS, LOSSES, EarlyExitNetwork, ExitCost, exit_config, exit_cost,
+                                        from_record, risk_coverage, simulate)
+from sipa_core.accelerate.rule import ExitRule, ThresholdPoint, choose, most_exits, threshold_point, sweep
+from sipa_core.checkpoint import load_model, save_model
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.io import atomic_write_csv, publish_metrics, publishing
+from sipa_core.lineage import input_lineage, refuse_trained_split
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
+from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks, sparsity
 from sipa_core.resume import file_digest, keep, load_kept, run_key
+from sipa_core.runtime import provenance
+from sipa_core.stage_common import load_data, load_input_model, score_metrics
 from sipa_core.stage_runner import Stage
+from sipa_core.train import fit, half_weights, normalized, predict
 from sipa_core.train.evaluation import accuracy
-from sipa_core.train.recipe import check_recipe
+from sipa_core.train.recipe import check_recipe, speed_settings
 
 LOGITS_FORMAT = "sipa-exit-logits"
 
@@ -35,8 +43,6 @@ LOGITS_FORMAT = "sipa-exit-logits"
 EXIT_RECIPE = {"lr": 0.13, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-5, "no_bias_decay": True,
                "batch_size": 128, "schedule": "cosine", "warmup_epochs": 0, "label_smoothing": 0.0,
                "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ghost_batch": 0, "augment": "none"}
-# What the exit takes from the input checkpoint's recipe: how to run fast, not what to learn.
-SPEED_KEYS = ("precision", "channels_last", "compile", "device", "deterministic", "eval_batch_size")
 
 
 def _positions(value) -> str | None:
@@ -111,16 +117,24 @@ def read_config(params_path: str | Path) -> dict:
     return cfg
 
 
-def choose(candidates: list[dict], target: float) -> dict | None:
-    """The lowest-score candidate whose validation accuracy meets ``target``
-    (ties: higher validation accuracy, then the higher threshold)."""
-    ok = [c for c in candidates if c["val_accuracy"] >= target - 1e-12]
-    return min(ok, key=lambda c: (c["score"], -c["val_accuracy"], -c["threshold"])) if ok else None
-
-
 EXIT_TABLE_COLUMNS = ["position", "channels", "size", "path_ops_ratio", "added_params_ratio", "threshold",
                       "val_exit_ratio", "val_accuracy", "exit_ratio", "accuracy", "path_accuracy", "ops", "score",
                       "chosen"]
+
+
+@dataclass
+class TrainedExit:
+    """One position's trained exit: the network, its kept record (weights and the exit's
+    validation and test logits), the main network's logits it is read with, its cost."""
+
+    net: EarlyExitNetwork
+    saved: dict
+    main_logits: dict
+    cost: ExitCost
+
+    @property
+    def logits(self) -> dict:
+        return {s: self.saved[s] for s in ("val", "test")}
 
 
 @dataclass
@@ -136,7 +150,7 @@ class ExitRun:
     lineage: dict
     progress: bool | None = None
     main_logits: dict = field(default_factory=dict)
-    exits: dict = field(default_factory=dict)  # position -> (net, saved logits, main logits, cost)
+    exits: dict[int, TrainedExit] = field(default_factory=dict)
 
     @property
     def fp16(self) -> bool:
@@ -149,9 +163,10 @@ class ExitRun:
     def labels(self, split: str) -> torch.Tensor:
         return self.data.split(split)[1]
 
-    def logits_of(self, model, split: str) -> torch.Tensor:
-        from sipa_core.train import predict
+    def split_labels(self) -> dict:
+        return {s: self.labels(s) for s in ("val", "test")}
 
+    def logits_of(self, model, split: str) -> torch.Tensor:
         x, _ = self.data.split(split)
         return predict(model, x, self.data.mean, self.data.std, batch_size=self.recipe["eval_batch_size"],
                        fp16_weights=self.fp16)
@@ -168,8 +183,6 @@ class ExitRun:
         """With BN updates the main network changed too: its logits come from this exit's run."""
         if not self.cfg["update_main_bn"]:
             return self.main_logits
-        from sipa_core.train import half_weights
-
         scored = half_weights(net.main) if self.fp16 else net.main
         return {s: self.logits_of(scored, s) for s in ("val", "test")}
 
@@ -183,8 +196,6 @@ class ExitRun:
 
     def train_exit(self, position: int, loss: str):
         """Train (or load) the exit at ``position`` with ``loss``; (network, kept record with its logits)."""
-        from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config
-
         cfg = self.cfg
         ecfg = exit_config(self.main, position, cfg["width"], cfg["kernel"])
         run_dir = self.state / f"exit{position}-{loss}-{run_key({**self.key_base, 'exit': ecfg, 'loss': loss})}"
@@ -204,10 +215,6 @@ class ExitRun:
     def _fit_exit(self, net, position: int, loss: str, run_dir: Path) -> None:
         """Exit training on the frozen main network, then (optionally) gradual exit pruning and the
         stabilisation of the exit path."""
-        from sipa_core.accelerate.exits import LOSS_FUNCTIONS
-        from sipa_core.prune.masks import apply_masks
-        from sipa_core.train import fit
-
         cfg = self.cfg
         common = dict(params=list(net.exit.parameters()), loss_fn=LOSS_FUNCTIONS[loss], train_mode=self.train_mode,
                       val_split="val", progress=self.progress, train_splits=tuple(self.lineage["splits"]))
@@ -224,9 +231,6 @@ class ExitRun:
     def _prune_exit(self, net, common: dict, position: int, loss: str, run_dir: Path) -> dict:
         """Gradual pruning of the exit module: one round per ``exit_schedule`` target, each retrained
         (resumable per round); returns the final masks ({} when the exit stays dense)."""
-        from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks
-        from sipa_core.train import fit
-
         cfg, masks = self.cfg, {}
         for k, target in enumerate(cfg["exit_schedule"], start=1):
             masks = magnitude_masks(net.exit, masks or full_masks(net.exit), target, scope="global", normalize="l2")
@@ -239,8 +243,6 @@ class ExitRun:
         return masks
 
     def _keep_exit(self, net, ecfg: dict, run_dir: Path, started: float) -> dict:
-        from sipa_core.train import half_weights, predict
-
         net.cpu().eval()
         scored = half_weights(net) if self.fp16 else net
         out = {"exit": net.exit.state_dict(), "exit_cfg": ecfg,
@@ -253,27 +255,20 @@ class ExitRun:
         fault_point("exit")
         return saved
 
-    def threshold_row(self, position: int, t: float, path_accuracy: float) -> dict:
-        """One (position, threshold) point: exit ratio and accuracy on validation and test, score."""
-        from sipa_core.accelerate.exits import simulate
 
-        net, saved, ml, cost = self.exits[position]
-        vpred, vexit = simulate(saved["val"], ml["val"], t)
-        tpred, texit = simulate(saved["test"], ml["test"], t)
-        val_ratio = float(vexit.float().mean())
-        s = cost.summary(val_ratio)
-        return {"position": position, "channels": net.exit_cfg["channels"], "size": net.exit_cfg["size"],
-                "path_ops_ratio": (cost.path_ops + cost.exit_ops) / cost.full_ops,
-                "added_params_ratio": cost.exit_bytes / cost.main_bytes, "threshold": t,
-                "val_exit_ratio": val_ratio, "val_accuracy": accuracy(vpred, self.labels("val")),
-                "exit_ratio": float(texit.float().mean()), "accuracy": accuracy(tpred, self.labels("test")),
-                "path_accuracy": path_accuracy, "ops": s["ops"], "score": s["score"]}
+def table_row(trained: TrainedExit, point: ThresholdPoint, path_accuracy: float) -> dict:
+    """One (position, threshold) row of the exit table (Table 2)."""
+    net, cost = trained.net, trained.cost
+    return {"position": point.position, "channels": net.exit_cfg["channels"], "size": net.exit_cfg["size"],
+            "path_ops_ratio": (cost.path_ops + cost.exit_ops) / cost.full_ops,
+            "added_params_ratio": cost.exit_bytes / cost.main_bytes, "threshold": point.threshold,
+            "val_exit_ratio": point.val_exit_ratio, "val_accuracy": point.val_accuracy,
+            "exit_ratio": point.exit_ratio, "accuracy": point.accuracy, "path_accuracy": path_accuracy,
+            "ops": point.ops, "score": point.score}
 
 
 def _load_main(cfg: dict, params_file: str):
     """Data and the frozen main network, checked against the positions."""
-    from sipa_core.stage_common import load_data, load_input_model
-
     where = f"{params_file}: accelerate"
     data = load_data(cfg["data"], f"{where}.data")
     main, meta = load_input_model(Path(cfg["model"]), data, f"{where}.model", "pruning")
@@ -295,14 +290,12 @@ def _load_main(cfg: dict, params_file: str):
 def exit_recipe(cfg: dict, meta: dict, params_file: str) -> dict:
     """The exit's training recipe: ``EXIT_RECIPE`` (one-hot targets, no mixing), the input
     checkpoint's speed settings only, then ``accelerate.recipe``."""
-    inherited = {k: v for k, v in (meta.get("recipe") or {}).items() if k in SPEED_KEYS}
-    return check_recipe({**EXIT_RECIPE, **inherited, **cfg["recipe"], "epochs": cfg["epochs"], "seed": cfg["seed"]},
+    return check_recipe({**EXIT_RECIPE, **speed_settings(meta.get("recipe")), **cfg["recipe"],
+                         "epochs": cfg["epochs"], "seed": cfg["seed"]},
                         file=params_file, section="accelerate.recipe")
 
 
 def _start_run(cfg: dict, params_file: str, progress) -> tuple[ExitRun, dict]:
-    from sipa_core.lineage import input_lineage, refuse_trained_split
-
     data, main, meta = _load_main(cfg, params_file)
     lineage = input_lineage(meta, data, f"{params_file}: accelerate.model", cfg["model"])
     refuse_trained_split("val", lineage, f"{params_file}: accelerate.thresholds (calibrated on val)", cfg["model"])
@@ -317,152 +310,171 @@ def _start_run(cfg: dict, params_file: str, progress) -> tuple[ExitRun, dict]:
     return run, meta
 
 
-def _sweep(run: ExitRun) -> tuple[list[dict], list[dict]]:
-    """Train every position's exit; (table rows at ``table_thresholds``, candidates at ``thresholds``)."""
-    from sipa_core.accelerate.exits import exit_cost
+@dataclass
+class ExitSweep:
+    """Every position's exit at every threshold: the table rows (``table_thresholds``, by
+    (position, threshold)) and the candidates the rule chooses from (``thresholds``)."""
 
+    rows: dict[tuple[int, float], dict]
+    candidates: list[ThresholdPoint]
+
+
+def _sweep(run: ExitRun) -> ExitSweep:
+    """Train every position's exit and simulate it at every threshold."""
     cfg = run.cfg
     h = run.data.image_size[0]
-    rows, candidates = [], []
+    labels = run.split_labels()
+    rows, candidates = {}, []
     for position in cfg["positions"]:
         net, saved = run.train_exit(position, cfg["loss"])
-        run.exits[position] = (net, saved, run.main_logits_for(net), exit_cost(net, (3, h, h), bits=cfg["bits"]))
-        path_accuracy = accuracy(saved["test"], run.labels("test"))  # the exit alone, once per position
-        for t in sorted(set(cfg["thresholds"]) | set(cfg["table_thresholds"])):
-            row = run.threshold_row(position, t, path_accuracy)
-            if t in cfg["thresholds"]:
-                candidates.append(row)
-            if t in cfg["table_thresholds"]:
-                rows.append(row)
-    return rows, candidates
+        trained = TrainedExit(net, saved, run.main_logits_for(net), exit_cost(net, (3, h, h), bits=cfg["bits"]))
+        run.exits[position] = trained
+        path_accuracy = accuracy(saved["test"], labels["test"])  # the exit alone, once per position
+        thresholds = sorted(set(cfg["thresholds"]) | set(cfg["table_thresholds"]))
+        for point in sweep(trained.logits, trained.main_logits, labels, thresholds, trained.cost, position):
+            rows[(position, point.threshold)] = table_row(trained, point, path_accuracy)
+            if point.threshold in cfg["thresholds"]:
+                candidates.append(point)
+    return ExitSweep(rows, candidates)
 
 
-def _passthrough(metrics: dict, main_score: dict, main_test_acc: float) -> dict:
+@dataclass(frozen=True)
+class MainNetwork:
+    """The main network's figures the exit is judged against."""
+
+    val_accuracy: float
+    test_accuracy: float
+    score: dict  # its MicroNet keys (score_metrics)
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    """What the rule chose on validation: a point, or none and why."""
+
+    chosen: ThresholdPoint | None
+    target: float
+    passthrough_reason: str | None = None
+    best_exit_score: float | None = None
+
+    def metrics(self) -> dict:
+        out = {"val_target": self.target}
+        if self.passthrough_reason is not None:
+            out["passthrough_reason"] = self.passthrough_reason
+        if self.best_exit_score is not None:
+            out["best_exit_score"] = self.best_exit_score
+        return out
+
+
+def decide(candidates: list[ThresholdPoint], rule: ExitRule, main: MainNetwork, allow_no_exit: bool) -> ExitDecision:
+    """The chosen candidate on validation, or none (with the reason) when the network passes through."""
+    target = rule.target(main.val_accuracy)
+    chosen = choose(candidates, target)
+    if chosen is None:
+        return ExitDecision(None, target, "no exit meets the validation accuracy target")
+    if allow_no_exit and chosen.score >= main.score["score"]:
+        return ExitDecision(None, target, f"the best exit (score {chosen.score:.6f}) does not lower the score",
+                            chosen.score)
+    return ExitDecision(chosen, target)
+
+
+def _passthrough_metrics(main: MainNetwork) -> dict:
     """No exit kept: the main network passes through unchanged."""
-    metrics.update(main_score)
-    metrics.update(accuracy=main_test_acc, exit_position=None, threshold=None, exit_ratio=0.0,
-                   val_exit_ratio=0.0, passthrough=True, accuracy_change=0.0, ops_saving=0.0)
-    return metrics
+    return {**main.score, "accuracy": main.test_accuracy, "exit_position": None, "threshold": None,
+            "exit_ratio": 0.0, "val_exit_ratio": 0.0, "passthrough": True, "accuracy_change": 0.0, "ops_saving": 0.0}
 
 
-def _exit_metrics(run: ExitRun, chosen: dict, metrics: dict, main_score: dict, main_test_acc: float) -> dict:
+def _exit_metrics(run: ExitRun, chosen: ThresholdPoint, path_accuracy: float, main: MainNetwork) -> dict:
     """Test figures at the chosen (position, threshold), and the adaptive forward's check."""
-    from sipa_core.accelerate.exits import simulate
-    from sipa_core.prune.masks import sparsity
-    from sipa_core.train import half_weights
-
-    position, t = chosen["position"], chosen["threshold"]
-    net, saved, ml, cost = run.exits[position]
+    trained = run.exits[chosen.position]
     y_test = run.labels("test")
-    tpred, texit = simulate(saved["test"], ml["test"], t)
+    tpred, texit = simulate(trained.saved["test"], trained.main_logits["test"], chosen.threshold)
     # Real adaptive inference on the test split must give the simulated predictions.
-    adaptive_pred = adaptive_predictions(half_weights(net) if run.fp16 else net, run.data.split("test")[0],
-                                         run.data, t, run.recipe["eval_batch_size"])
+    adaptive_pred = adaptive_predictions(half_weights(trained.net) if run.fp16 else trained.net,
+                                         run.data.split("test")[0], run.data, chosen.threshold,
+                                         run.recipe["eval_batch_size"])
     test_ratio = float(texit.float().mean())
-    metrics.update(cost.summary(test_ratio))
     exited = texit.nonzero().squeeze(1)
-    metrics.update(
-        accuracy=accuracy(tpred, y_test), exit_position=position, threshold=t,
-        exit_ratio=test_ratio, val_exit_ratio=chosen["val_exit_ratio"], val_accuracy=chosen["val_accuracy"],
-        path_accuracy=chosen["path_accuracy"],
-        exited_accuracy=accuracy(tpred[exited], y_test[exited]) if len(exited) else None,
-        adaptive_matches_simulated=bool(torch.equal(adaptive_pred, tpred)), passthrough=False,
-        exit_sparsity=sparsity(net.exit), exit_bytes=cost.exit_bytes)
-    metrics["accuracy_change"] = metrics["accuracy"] - main_test_acc
-    metrics["ops_saving"] = 1 - metrics["ops"] / main_score["ops"]
-    return metrics
+    out = {**trained.cost.summary(test_ratio),
+           "accuracy": accuracy(tpred, y_test), "exit_position": chosen.position, "threshold": chosen.threshold,
+           "exit_ratio": test_ratio, "val_exit_ratio": chosen.val_exit_ratio, "val_accuracy": chosen.val_accuracy,
+           "path_accuracy": path_accuracy,
+           "exited_accuracy": accuracy(tpred[exited], y_test[exited]) if len(exited) else None,
+           "adaptive_matches_simulated": bool(torch.equal(adaptive_pred, tpred)), "passthrough": False,
+           "exit_sparsity": sparsity(trained.net.exit), "exit_bytes": trained.cost.exit_bytes}
+    out["accuracy_change"] = out["accuracy"] - main.test_accuracy
+    out["ops_saving"] = 1 - out["ops"] / main.score["ops"]
+    return out
 
 
-def _risk_coverage_rows(run: ExitRun, position: int, metrics: dict):
-    """Figure 9: risk-coverage of the two losses' exits at the chosen position (AURC into ``metrics``)."""
-    from sipa_core.accelerate.exits import risk_coverage
-
+def _compared_loss(run: ExitRun, position: int, target: float) -> tuple[list[dict], list[str], dict]:
+    """Figure 9: risk-coverage of the two losses' exits at the chosen position; (rows, columns,
+    metrics: each loss's AURC and the compared loss's exit at the same validation target)."""
     cfg, y_test = run.cfg, run.labels("test")
-    curves = {cfg["loss"]: risk_coverage(run.exits[position][1]["test"], y_test)}
+    curves = {cfg["loss"]: risk_coverage(run.exits[position].saved["test"], y_test)}
+    metrics = {}
     if cfg["compare_loss"]:
         other = [name for name in LOSSES if name != cfg["loss"]][0]
         saved = run.train_exit(position, other)[1]
         curves[other] = risk_coverage(saved["test"], y_test)
-        metrics.update(_calibrated_on_val(run, saved, run.exits[position][2], metrics["val_target"], other))
+        metrics.update(_calibrated_on_val(run, saved, run.exits[position].main_logits, target, other))
     for name, (_, aurc) in curves.items():
         metrics[f"aurc_{name}"] = aurc
     names = list(curves)
     rows = [{"coverage": cov, **{f"risk_{n}": curves[n][0][i][1] for n in names}}
             for i, (cov, _) in enumerate(curves[names[0]][0])]
-    return rows, ["coverage"] + [f"risk_{n}" for n in names]
+    return rows, ["coverage"] + [f"risk_{n}" for n in names], metrics
 
 
 def _calibrated_on_val(run: ExitRun, saved: dict, main_logits: dict, target: float, name: str) -> dict:
     """The compared loss's exit at the same validation target: its threshold (the one
     sending most validation images out), and its test exit ratio and accuracy."""
-    from sipa_core.accelerate.exits import simulate
-
-    best = None
-    for t in run.cfg["thresholds"]:
-        vpred, vexit = simulate(saved["val"], main_logits["val"], t)
-        ratio = float(vexit.float().mean())
-        if accuracy(vpred, run.labels("val")) >= target - 1e-12 and (best is None or ratio > best[1]):
-            best = (t, ratio)
+    labels = {"val": run.labels("val"), "test": run.labels("test")}
+    best = most_exits(sweep({"val": saved["val"]}, main_logits, labels, run.cfg["thresholds"]), target)
     if best is None:
         return {f"{name}_threshold": None, f"{name}_exit_ratio": None, f"{name}_accuracy": None}
-    tpred, texit = simulate(saved["test"], main_logits["test"], best[0])
-    return {f"{name}_threshold": best[0], f"{name}_exit_ratio": float(texit.float().mean()),
-            f"{name}_accuracy": accuracy(tpred, run.labels("test"))}
+    at_test = threshold_point(saved, main_logits, labels, best.threshold)
+    return {f"{name}_threshold": best.threshold, f"{name}_exit_ratio": at_test.exit_ratio,
+            f"{name}_accuracy": at_test.accuracy}
 
 
-def _choose_exit(run: ExitRun, candidates: list[dict], metrics: dict, main_score: dict) -> dict | None:
-    """The chosen candidate on validation, or None (reason in ``metrics``) when the network passes through."""
-    cfg = run.cfg
-    chosen = choose(candidates, metrics["val_target"])
-    if chosen is None:
-        metrics["passthrough_reason"] = "no exit meets the validation accuracy target"
-    elif cfg["allow_no_exit"] and chosen["score"] >= main_score["score"]:
-        metrics["passthrough_reason"] = f"the best exit (score {chosen['score']:.6f}) does not lower the score"
-        metrics["best_exit_score"] = chosen["score"]
-        chosen = None
-    return chosen
+def _table_rows(table: ExitSweep, thresholds: list, chosen: ThresholdPoint | None) -> list[dict]:
+    """The exit table: every position at ``table_thresholds`` and the chosen point, marked."""
+    key = (chosen.position, chosen.threshold) if chosen is not None else None
+    keys = {k for k in table.rows if k[1] in thresholds} | ({key} if key else set())
+    return [{**table.rows[k], "chosen": "yes" if k == key else "no"} for k in sorted(keys)]
 
 
 def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage; returns the metrics written to ``cfg['metrics']``."""
-    from sipa_core.checkpoint import save_model
-    from sipa_core.runtime import provenance
-    from sipa_core.stage_common import score_metrics
-
     started = time.time()
     run, meta = _start_run(cfg, params_file, progress)
-    main_val_acc = accuracy(run.main_logits["val"], run.labels("val"))
-    main_test_acc = accuracy(run.main_logits["test"], run.labels("test"))
-    target = max(cfg["min_accuracy"] if cfg["min_accuracy"] is not None else 0.0,
-                 main_val_acc - cfg["max_drop"] if cfg["max_drop"] is not None else 0.0)
-    rows, candidates = _sweep(run)
-    main_score = score_metrics(run.main, run.data, cfg["bits"])
-    metrics = {"main_accuracy": main_test_acc, "main_val_accuracy": main_val_acc, "val_target": target,
-               "score_without_exit": main_score["score"], "loss": cfg["loss"]}
-    chosen = _choose_exit(run, candidates, metrics, main_score)
+    rule = ExitRule.from_config(cfg)
+    main = MainNetwork(accuracy(run.main_logits["val"], run.labels("val")),
+                       accuracy(run.main_logits["test"], run.labels("test")),
+                       score_metrics(run.main, run.data, cfg["bits"]))
+    table = _sweep(run)
+    decision = decide(table.candidates, rule, main, cfg["allow_no_exit"])
+    chosen = decision.chosen
+    metrics = {"main_accuracy": main.test_accuracy, "main_val_accuracy": main.val_accuracy,
+               "score_without_exit": main.score["score"], "loss": cfg["loss"], **decision.metrics()}
     final_model, exit_record = run.main, None
     rc_rows, rc_columns = [], ["coverage", f"risk_{cfg['loss']}"]
     if chosen is None:
-        _passthrough(metrics, main_score, main_test_acc)
+        metrics.update(_passthrough_metrics(main))
     else:
-        if (chosen["threshold"], chosen["position"]) not in {(r["threshold"], r["position"]) for r in rows}:
-            rows.append(chosen)
-        _exit_metrics(run, chosen, metrics, main_score, main_test_acc)
-        net = run.exits[chosen["position"]][0]
+        path_accuracy = table.rows[(chosen.position, chosen.threshold)]["path_accuracy"]
+        metrics.update(_exit_metrics(run, chosen, path_accuracy, main))
+        net = run.exits[chosen.position].net
         final_model = net.main
-        exit_record = {**net.exit_cfg, "state": net.exit.state_dict(), "threshold": chosen["threshold"],
-                       "exit_ratio": metrics["exit_ratio"], "loss": cfg["loss"]}
-        rc_rows, rc_columns = _risk_coverage_rows(run, chosen["position"], metrics)
-    for row in rows:
-        row["chosen"] = "yes" if chosen is not None and (row["position"], row["threshold"]) == (
-            chosen["position"], chosen["threshold"]) else "no"
-    rows.sort(key=lambda r: (r["position"], r["threshold"]))
+        exit_record = {**net.exit_cfg, "state": net.exit.state_dict(), "threshold": chosen.threshold,
+                       "exit_ratio": metrics["exit_ratio"], "loss": cfg["loss"], "rule": rule.as_record()}
+        rc_rows, rc_columns, compared = _compared_loss(run, chosen.position, decision.target)
+        metrics.update(compared)
     with publishing(cfg["metrics"]):
         save_model(cfg["out"], final_model, masks=meta.get("masks"), recipe=run.recipe, stage="accelerate",
-                   lineage=run.lineage,
-                   **({"exit": exit_record} if exit_record is not None else {}))
+                   lineage=run.lineage, **({"exit": exit_record} if exit_record is not None else {}))
         atomic_write_csv(cfg["risk_coverage"], rc_rows, rc_columns)
-        atomic_write_csv(cfg["table"], rows, EXIT_TABLE_COLUMNS)
+        atomic_write_csv(cfg["table"], _table_rows(table, cfg["table_thresholds"], chosen), EXIT_TABLE_COLUMNS)
     metrics.update(provenance(seed=cfg["seed"], device=run.recipe["device"], started=started))
     publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
@@ -471,8 +483,6 @@ def accelerate(cfg: dict, *, params_file: str = "params.yaml", progress: bool | 
 @torch.no_grad()
 def adaptive_predictions(net, x, data, threshold: float, batch_size: int) -> torch.Tensor:
     """Predicted labels of the real adaptive forward (the rest of the network only for samples that stay)."""
-    from sipa_core.train import normalized
-
     net.eval()
     preds = [net.adaptive(normalized(chunk, data.mean, data.std), threshold)[0].argmax(1)
              for chunk in x.split(batch_size)]
@@ -481,9 +491,6 @@ def adaptive_predictions(net, x, data, threshold: float, batch_size: int) -> tor
 
 def load_early_exit(path) -> tuple[torch.nn.Module, dict]:
     """An accelerate checkpoint as an ``EarlyExitNetwork`` (and its exit record)."""
-    from sipa_core.accelerate.exits import from_record
-    from sipa_core.checkpoint import load_model
-
     main, meta = load_model(path)
     record = meta.get("exit")
     if not isinstance(record, dict) or "state" not in record:

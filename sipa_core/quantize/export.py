@@ -1,6 +1,8 @@
-"""Integer inference: a quantized network exported to ONNX (Brevitas' QCDQ form:
-QuantizeLinear / Clip / DequantizeLinear around every quantized tensor, which
-onnxruntime fuses into integer kernels) and run with onnxruntime.
+"""A quantized network exported to ONNX (Brevitas' QCDQ form: QuantizeLinear /
+Clip / DequantizeLinear around every quantized tensor) and run with
+onnxruntime. onnxruntime fuses few of these patterns into integer kernels:
+most convolutions run in floating point on dequantized weights, so this
+checks the quantized network's predictions, not integer-kernel speed.
 
 A network with an exit is exported as two graphs, so that adaptive inference
 really skips work: ``path`` (input -> exit logits and the features at the
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from sipa_core.train.evaluation import normalized
 
 OPSET = 17
 
@@ -44,7 +47,7 @@ class Rest(nn.Module):
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[list, list]) -> Path:
-    from brevitas.export import export_onnx_qcdq
+    from brevitas.export import export_onnx_qcdq  # noqa: PLC0415 (heavy, export only)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx_qcdq(module.eval(), args=example, export_path=str(path), opset_version=OPSET, dynamo=False,
@@ -67,7 +70,7 @@ def export_network(main: nn.Module, net, input_shape, folder: Path) -> dict[str,
 
 
 def _session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415 (heavy, export only)
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only (Brevitas keeps float biases as graph inputs: a warning per bias)
@@ -110,8 +113,6 @@ class OnnxNetwork:
 def onnx_predictions(model: OnnxNetwork, x_uint8: torch.Tensor, mean, std, batch_size: int = 500,
                      adaptive: bool = True) -> torch.Tensor:
     """Predicted classes of a uint8 image tensor, by onnxruntime."""
-    from sipa_core.train.evaluation import normalized
-
     preds = []
     for i in range(0, len(x_uint8), batch_size):
         x = normalized(x_uint8[i:i + batch_size], mean, std).numpy()

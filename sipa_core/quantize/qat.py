@@ -22,9 +22,12 @@ patterns of ``scoring.bits.BitWidths`` mean the same thing before and after.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import SameConv2d
@@ -38,8 +41,6 @@ def fold_batchnorm(model: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a conv in a Sequential into that
     conv (which gains a bias); the BatchNorm's slot becomes an Identity, so no
     module name moves. Returns how many were folded."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     folded = 0
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
@@ -57,7 +58,7 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def _quant_classes():
-    import brevitas.nn as qnn
+    import brevitas.nn as qnn  # noqa: PLC0415 (brevitas is heavy)
 
     class QuantSameConv2d(qnn.QuantConv2d):
         """Brevitas conv with SameConv2d's fixed asymmetric padding (applied before the
@@ -74,7 +75,7 @@ def _quant_classes():
 
 
 def _quantizers(w_bits: int, a_bits: int) -> dict:
-    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat
+    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat  # noqa: PLC0415 (brevitas is heavy)
 
     kw = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=w_bits) if w_bits < FLOAT_BITS \
         else dict(weight_quant=None)
@@ -127,7 +128,7 @@ def quantize_modules(model: nn.Module, widths: BitWidths, prefix: str = "") -> i
 
 
 def is_quantized(model: nn.Module) -> bool:
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer  # noqa: PLC0415 (brevitas is heavy)
 
     return any(isinstance(m, QuantWeightBiasInputOutputLayer) for m in model.modules())
 
@@ -139,7 +140,7 @@ def calibrate(model: nn.Module, batches, part: nn.Module | None = None) -> None:
     The rest of the model runs as it is: an exit is calibrated on the quantized network's
     features, and that network's trained scales stay (Brevitas' calibration would overwrite
     the scales of a network loaded from a state dict, so a resumed run would differ)."""
-    from brevitas.graph.calibrate import calibration_mode
+    from brevitas.graph.calibrate import calibration_mode  # noqa: PLC0415 (brevitas is heavy)
 
     was_training = model.training
     model.eval()
@@ -152,9 +153,7 @@ def calibrate(model: nn.Module, batches, part: nn.Module | None = None) -> None:
 def float_twin(model: nn.Module) -> nn.Module:
     """A plain-PyTorch copy whose weights are the quantized values (what is stored and
     counted): zeros where the quantized weight is zero. For the scorer."""
-    import copy
-
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer  # noqa: PLC0415 (brevitas is heavy)
 
     twin = copy.deepcopy(model)
     for name, m in list(twin.named_modules()):

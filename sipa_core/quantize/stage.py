@@ -7,7 +7,8 @@ widths of ``quantize`` (weights per output channel, inputs per tensor),
 keeps the pruning masks (sparsity cannot change), trains the main network
 (QAT, straight-through gradients), then the exit on the frozen quantized
 main network, and chooses the exit threshold again on the validation split
-with the accelerate stage's rule. Why after, not before accelerating: the
+by the exit rule the accelerate stage recorded in the exit (``accelerate/rule.py``).
+Why after, not before accelerating: the
 exit is then trained and calibrated on the quantized network, as the counted
 score requires, and trying other widths (``dvc exp run -S
 quantize.weight_bits=4``) re-runs this stage only, not the exit search.
@@ -23,27 +24,38 @@ against score plot; the checkpoint is the one at ``weight_bits``/``act_bits``.
 from __future__ import annotations
 
 import copy
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from sipa_core.accelerate.exits import LOSS_FUNCTIONS, EarlyExitNetwork, ExitCost, exit_cost, from_record, simulate
+from sipa_core.accelerate.rule import ExitRule, ThresholdPoint, choose, sweep
+from sipa_core.checkpoint import save_model
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_write_csv, publish_metrics, publishing
+from sipa_core.io import atomic_write_bytes, atomic_write_csv, publish_metrics, publishing
+from sipa_core.lineage import input_lineage, refuse_trained_split
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
+from sipa_core.prune.masks import apply_masks, masks_from_zeros, sparsity
+from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions
+from sipa_core.quantize.qat import calibrate, check_widths, float_twin, fold_batchnorm, quantize_modules
 from sipa_core.resume import file_digest, run_key
+from sipa_core.runtime import provenance
+from sipa_core.scoring import count
 from sipa_core.scoring.bits import BitWidths
+from sipa_core.stage_common import load_data, load_input_model
 from sipa_core.stage_runner import Stage
-from sipa_core.train.evaluation import accuracy
-from sipa_core.train.recipe import check_recipe
+from sipa_core.train import fit, predict
+from sipa_core.train.evaluation import accuracy, normalized
+from sipa_core.train.recipe import check_recipe, speed_settings
 
 # Quantization-aware fine-tuning: a short low-lr cosine run from the trained weights, no mixing.
 QAT_RECIPE = {"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-5, "no_bias_decay": True,
               "batch_size": 128, "schedule": "cosine", "warmup_epochs": 0, "label_smoothing": 0.1,
               "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ghost_batch": 0, "augment": "none"}
-SPEED_KEYS = ("precision", "channels_last", "compile", "device", "deterministic", "eval_batch_size")
 ELEMENTWISE_BITS = 16  # the elementwise products are not quantized (see the module's doc)
 WIDTH_COLUMNS = ["widths", "weight_bits", "act_bits", "val_accuracy", "accuracy", "exit_ratio", "threshold",
                  "params_bytes", "ops", "score", "chosen"]
@@ -66,8 +78,6 @@ def _labels(value) -> str | None:
 
 def parse_label(label) -> tuple[int, int] | None:
     """``"W4A8"`` -> (4, 8); None when it is not such a label."""
-    import re
-
     m = re.fullmatch(r"W(\d+)A(\d+)", str(label))
     return (int(m.group(1)), int(m.group(2))) if m else None
 
@@ -82,7 +92,8 @@ QUANTIZE_SCHEMA = {
     "exit_epochs": Field(int, 1, min=0, help="QAT epochs of the exit on the frozen quantized network"),
     "recipe": Field(dict, {}, help="overrides of the QAT recipe (QAT_RECIPE)"),
     "calibration_batches": Field(int, 4, min=1, help="training batches that set the activation scales"),
-    "compare_widths": Field(list, ["W4A8", "W4A4"], check=_labels, help="other widths trained for the plot, e.g. [W4A8, W4A4]"),
+    "compare_widths": Field(list, ["W4A8", "W4A4"], check=_labels,
+                            help="other widths trained for the plot, e.g. [W4A8, W4A4]"),
     "seed": Field(int, 0, min=0),
     **path_fields("quantize", model=("accelerate", "out"), data=("prepare", "out")),
 }
@@ -127,34 +138,26 @@ class QuantRun:
 
     def batches(self):
         """Calibration batches: training images, normalised, no augmentation."""
-        from sipa_core.train.evaluation import normalized
-
         x = self.data.split("train")[0]
         bs = self.recipe["batch_size"]
         return [normalized(x[i * bs:(i + 1) * bs], self.data.mean, self.data.std)
                 for i in range(min(self.cfg["calibration_batches"], max(1, len(x) // bs)))]
 
     def logits(self, model, split: str) -> torch.Tensor:
-        from sipa_core.train import predict
-
         x, _ = self.data.split(split)
         return predict(model, x, self.data.mean, self.data.std, batch_size=self.recipe["eval_batch_size"])
 
     def labels(self, split: str) -> torch.Tensor:
         return self.data.split(split)[1]
 
+    def split_labels(self) -> dict:
+        return {s: self.labels(s) for s in ("val", "test")}
+
 
 def _start(cfg: dict, params_file: str, progress) -> QuantRun:
-    from sipa_core.lineage import input_lineage, refuse_trained_split
-    from sipa_core.quantize.qat import check_widths
-    from sipa_core.stage_common import load_data, load_input_model
-
     where = f"{params_file}: quantize"
     data = load_data(cfg["data"], f"{where}.data")
     main, meta = load_input_model(Path(cfg["model"]), data, f"{where}.model", "accelerate")
-    if meta.get("quant"):
-        raise SipaError(f"{where}.model: {cfg['model']} is already quantized ({meta['quant'].get('label')}); "
-                        f"quantize a floating-point checkpoint")
     names = [n for n, _ in main.named_modules()]
     try:
         for widths in [cfg["widths"]] + [widths_of(cfg, *parse_label(label)) for label in cfg["compare_widths"]]:
@@ -163,12 +166,12 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
         raise SipaError(f"{params_file}: {err}") from None
     lineage = input_lineage(meta, data, f"{where}.model", cfg["model"])
     if meta.get("exit") is not None:
+        ExitRule.from_record(meta["exit"], f"{where}.model: {cfg['model']}")  # the rule the threshold is chosen by
         if len(data.val_y) == 0:
             raise SipaError(f"{where}: the exit threshold is chosen on the validation split, but prepare.val_size is 0")
         refuse_trained_split("val", lineage, f"{where} (the exit threshold is calibrated on val)", cfg["model"])
-    inherited = {k: v for k, v in (meta.get("recipe") or {}).items() if k in SPEED_KEYS}
-    recipe = check_recipe({**QAT_RECIPE, **inherited, **cfg["recipe"], "epochs": cfg["epochs"], "seed": cfg["seed"]},
-                          file=params_file, section="quantize.recipe")
+    recipe = check_recipe({**QAT_RECIPE, **speed_settings(meta.get("recipe")), **cfg["recipe"],
+                           "epochs": cfg["epochs"], "seed": cfg["seed"]}, file=params_file, section="quantize.recipe")
     key = {"input": file_digest(cfg["model"]), "data": data.source, "recipe": recipe,
            "exit_epochs": cfg["exit_epochs"], "calibration_batches": cfg["calibration_batches"]}
     return QuantRun(cfg, data, main, meta.get("exit"), recipe, lineage, key, params_file, progress)
@@ -176,9 +179,6 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
 
 def _quantized_copy(module: torch.nn.Module, widths: BitWidths):
     """Fold BatchNorm into a copy of ``module``, quantize it; (copy, its masks: the zeros kept)."""
-    from sipa_core.prune.masks import masks_from_zeros
-    from sipa_core.quantize.qat import fold_batchnorm, quantize_modules
-
     q = copy.deepcopy(module).cpu().eval()
     fold_batchnorm(q)
     masks = masks_from_zeros(q)
@@ -188,10 +188,6 @@ def _quantized_copy(module: torch.nn.Module, widths: BitWidths):
 
 def _train_main(run: QuantRun, widths: BitWidths, run_dir: Path) -> torch.nn.Module:
     """The quantized main network: calibrated activation scales, then QAT with the masks kept."""
-    from sipa_core.prune.masks import apply_masks
-    from sipa_core.quantize.qat import calibrate
-    from sipa_core.train import fit
-
     main, masks = _quantized_copy(run.main, widths)
     calibrate(main, run.batches())
     if run.cfg["epochs"] > 0:
@@ -203,11 +199,6 @@ def _train_main(run: QuantRun, widths: BitWidths, run_dir: Path) -> torch.nn.Mod
 
 def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir: Path):
     """The quantized exit on the frozen quantized main network (its own loss, one-hot targets)."""
-    from sipa_core.accelerate.exits import LOSS_FUNCTIONS, EarlyExitNetwork, from_record
-    from sipa_core.prune.masks import apply_masks
-    from sipa_core.quantize.qat import calibrate
-    from sipa_core.train import fit
-
     float_net = from_record(run.main, run.exit_record, run.cfg["model"])  # wraps run.main, changes nothing
     qexit, masks = _quantized_copy(float_net.exit, widths.without_overrides())
     net = EarlyExitNetwork(main, float_net.exit_cfg, qexit)
@@ -229,10 +220,6 @@ def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir
 
 def counted(run: QuantRun, main, net, widths: BitWidths):
     """The MicroNet cost of the quantized values: (main network's summary, ExitCost or None)."""
-    from sipa_core.accelerate.exits import EarlyExitNetwork, exit_cost
-    from sipa_core.quantize.qat import float_twin
-    from sipa_core.scoring import count
-
     h = run.data.image_size[0]
     plain = float_twin(main)
     if net is None:
@@ -242,61 +229,64 @@ def counted(run: QuantRun, main, net, widths: BitWidths):
                                                                      exit_bits=widths.without_overrides())
 
 
-def calibrate_threshold(run: QuantRun, logits: dict, cost) -> tuple[dict | None, float]:
-    """The exit threshold chosen on validation by the accelerate stage's rule (its thresholds,
-    min_accuracy / max_drop against this network's own validation accuracy); (choice, target)."""
-    from sipa_core.accelerate.exits import simulate
-    from sipa_core.accelerate.stage import choose, read_config as accelerate_config
-
-    acfg = accelerate_config(run.params_file)
-    y = run.labels("val")
-    main_val = accuracy(logits["main"]["val"], y)
-    target = max(acfg["min_accuracy"] if acfg["min_accuracy"] is not None else 0.0,
-                 main_val - acfg["max_drop"] if acfg["max_drop"] is not None else 0.0)
-    candidates = []
-    for t in acfg["thresholds"]:
-        vpred, vexit = simulate(logits["exit"]["val"], logits["main"]["val"], t)
-        ratio = float(vexit.float().mean())
-        candidates.append({"threshold": t, "val_exit_ratio": ratio, "val_accuracy": accuracy(vpred, y),
-                           "score": cost.summary(ratio)["score"]})
-    return choose(candidates, target), target
+def calibrate_threshold(run: QuantRun, logits: dict, cost: ExitCost) -> tuple[ThresholdPoint | None, float]:
+    """The exit threshold chosen on validation by the rule the accelerate stage recorded in the exit
+    (its thresholds and target, against this network's own validation accuracy); (choice, target)."""
+    rule = ExitRule.from_record(run.exit_record, run.cfg["model"])
+    labels = {"val": run.labels("val")}
+    target = rule.target(accuracy(logits["main"]["val"], labels["val"]))
+    points = sweep({"val": logits["exit"]["val"]}, logits["main"], labels, rule.thresholds, cost)
+    return choose(points, target), target
 
 
-def quantize_network(run: QuantRun, widths: BitWidths) -> dict:
+@dataclass
+class QuantResult:
+    """One width's quantized network and its figures (test unless named ``val_``); with an exit
+    kept, the figures are the thresholded network's."""
+
+    widths: BitWidths
+    main: torch.nn.Module
+    main_accuracy: float
+    val_accuracy: float | None
+    accuracy: float
+    summary: dict  # the counted cost (at the test exit ratio with an exit)
+    test_predictions: torch.Tensor
+    net: EarlyExitNetwork | None = None
+    val_target: float | None = None
+    threshold: float | None = None
+    exit_ratio: float = 0.0
+    val_exit_ratio: float = 0.0
+
+
+def quantize_network(run: QuantRun, widths: BitWidths) -> QuantResult:
     """Quantize, train and calibrate at ``widths``; the networks and their test figures."""
-    run_dir = Path(run.cfg["state"]) / f"{widths.label().replace(' ', '')}-{run_key({**run.key, 'widths': widths.as_dict()})}"
+    key = run_key({**run.key, "widths": widths.as_dict()})
+    run_dir = Path(run.cfg["state"]) / f"{widths.label().replace(' ', '')}-{key}"
     main = _train_main(run, widths, run_dir)
     net = _train_exit(run, main, widths, run_dir) if run.exit_record is not None else None
     logits = {"main": {s: run.logits(main, s) for s in ("val", "test")}}
     main_summary, cost = counted(run, main, net, widths)
-    out = {"widths": widths, "main": main, "net": None, "threshold": None, "exit_ratio": 0.0, "val_exit_ratio": 0.0,
-           "main_accuracy": accuracy(logits["main"]["test"], run.labels("test")),
-           "val_accuracy": accuracy(logits["main"]["val"], run.labels("val")) if len(run.data.val_y) else None}
-    out.update(accuracy=out["main_accuracy"], summary=main_summary, val_target=None,
-               test_predictions=logits["main"]["test"].argmax(1))
-    if net is not None:
-        logits["exit"] = {s: run.logits(net, s) for s in ("val", "test")}
-        chosen, out["val_target"] = calibrate_threshold(run, logits, cost)
-        if chosen is not None:
-            _with_exit(run, out, net, logits, cost, chosen)
-    return out
-
-
-def _with_exit(run: QuantRun, out: dict, net, logits: dict, cost, chosen: dict) -> None:
-    from sipa_core.accelerate.exits import simulate
-
-    tpred, texit = simulate(logits["exit"]["test"], logits["main"]["test"], chosen["threshold"])
+    main_accuracy = accuracy(logits["main"]["test"], run.labels("test"))
+    result = QuantResult(widths, main, main_accuracy,
+                         accuracy(logits["main"]["val"], run.labels("val")) if len(run.data.val_y) else None,
+                         main_accuracy, main_summary, logits["main"]["test"].argmax(1))
+    if net is None:
+        return result
+    logits["exit"] = {s: run.logits(net, s) for s in ("val", "test")}
+    chosen, result.val_target = calibrate_threshold(run, logits, cost)
+    if chosen is None:
+        return result
+    tpred, texit = simulate(logits["exit"]["test"], logits["main"]["test"], chosen.threshold)
     ratio = float(texit.float().mean())
-    out.update(net=net, threshold=chosen["threshold"], exit_ratio=ratio, val_exit_ratio=chosen["val_exit_ratio"],
-               test_predictions=tpred,
-               val_accuracy=chosen["val_accuracy"], accuracy=accuracy(tpred, run.labels("test")),
-               summary=cost.summary(ratio))
+    result.net, result.threshold, result.exit_ratio = net, chosen.threshold, ratio
+    result.val_exit_ratio, result.val_accuracy = chosen.val_exit_ratio, chosen.val_accuracy
+    result.accuracy, result.summary = accuracy(tpred, run.labels("test")), cost.summary(ratio)
+    result.test_predictions = tpred
+    return result
 
 
 def input_accuracy(run: QuantRun) -> float:
     """The floating-point input network's test accuracy at its own threshold (fp32)."""
-    from sipa_core.accelerate.exits import from_record, simulate
-
     main_logits = run.logits(run.main, "test")
     if run.exit_record is None:
         return accuracy(main_logits, run.labels("test"))
@@ -305,37 +295,29 @@ def input_accuracy(run: QuantRun) -> float:
     return accuracy(pred, run.labels("test"))
 
 
-def width_row(result: dict, chosen: bool) -> dict:
-    s, w = result["summary"], result["widths"]
+def width_row(result: QuantResult, chosen: bool) -> dict:
+    s, w = result.summary, result.widths
     return {"widths": f"W{w.weight}A{w.act}", "weight_bits": w.weight, "act_bits": w.act,
-            "val_accuracy": result["val_accuracy"], "accuracy": result["accuracy"],
-            "exit_ratio": result["exit_ratio"], "threshold": result["threshold"], "params_bytes": s["params_bytes"],
+            "val_accuracy": result.val_accuracy, "accuracy": result.accuracy,
+            "exit_ratio": result.exit_ratio, "threshold": result.threshold, "params_bytes": s["params_bytes"],
             "ops": s["ops"], "score": s["score"], "chosen": "yes" if chosen else "no"}
 
 
-def onnx_check(run: QuantRun, result: dict) -> tuple[dict, dict]:
+def onnx_check(run: QuantRun, result: QuantResult) -> tuple[dict, dict]:
     """Export the chosen network to ONNX and run the test split with onnxruntime (adaptively
     at the chosen threshold): (files' bytes by name, metrics)."""
-    from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions
-
     folder = Path(run.cfg["state"]) / "onnx"
     h = run.data.image_size[0]
-    files = export_network(result["main"], result["net"], (3, h, h), folder)
-    onnx = OnnxNetwork.load(files, result["threshold"])
+    files = export_network(result.main, result.net, (3, h, h), folder)
+    onnx = OnnxNetwork.load(files, result.threshold)
     x, y = run.data.split("test")
     preds = onnx_predictions(onnx, x, run.data.mean, run.data.std)
-    torch_preds = result["test_predictions"]
-    metrics = {"onnx_accuracy": accuracy_of(preds, y), "onnx_agreement": float((preds == torch_preds).float().mean())}
+    metrics = {"onnx_accuracy": accuracy(preds, y),
+               "onnx_agreement": float((preds == result.test_predictions).float().mean())}
     return {f"{name}.onnx": path.read_bytes() for name, path in files.items()}, metrics
 
 
-def accuracy_of(preds: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((preds == labels).float().mean()) if len(labels) else float("nan")
-
-
 def _write_onnx(folder: Path, files: dict) -> None:
-    from sipa_core.io import atomic_write_bytes
-
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
 
@@ -346,37 +328,38 @@ def _drop_stale_onnx(folder: Path, files: dict) -> None:
             old.unlink()
 
 
-def _save(run: QuantRun, result: dict) -> None:
-    from sipa_core.checkpoint import save_model
-
-    widths, net = result["widths"], result["net"]
+def _save(run: QuantRun, result: QuantResult) -> None:
+    widths, net = result.widths, result.net
     quant = {"widths": widths.as_dict(), "label": widths.label(), "batchnorm_folded": True}
     exit_record = None
     if net is not None:
-        exit_record = {**net.exit_cfg, "state": net.exit.state_dict(), "threshold": result["threshold"],
-                       "exit_ratio": result["exit_ratio"], "loss": run.exit_record.get("loss", "softsmoothing")}
-    save_model(run.cfg["out"], result["main"], recipe=run.recipe, stage="quantize", lineage=run.lineage,
+        exit_record = {**net.exit_cfg, "state": net.exit.state_dict(), "threshold": result.threshold,
+                       "exit_ratio": result.exit_ratio, "loss": run.exit_record.get("loss", "softsmoothing"),
+                       "rule": run.exit_record["rule"]}
+    save_model(run.cfg["out"], result.main, recipe=run.recipe, stage="quantize", lineage=run.lineage,
                quant=quant, **({"exit": exit_record} if exit_record is not None else {}))
+
+
+def _metrics(run: QuantRun, chosen: QuantResult, baseline: float) -> dict:
+    """The stage's metrics: the chosen width's network against its floating-point input."""
+    return {**chosen.summary, "accuracy": chosen.accuracy, "val_accuracy": chosen.val_accuracy,
+            "main_accuracy": chosen.main_accuracy, "input_accuracy": baseline,
+            "accuracy_change": chosen.accuracy - baseline, "threshold": chosen.threshold,
+            "exit_ratio": chosen.exit_ratio, "val_exit_ratio": chosen.val_exit_ratio,
+            "val_target": chosen.val_target, "exit_kept": chosen.net is not None,
+            "elementwise_bits": ELEMENTWISE_BITS, "widths": chosen.widths.label(),
+            "input_sparsity": sparsity(run.main), "sparsity": sparsity(chosen.main)}
 
 
 def quantize(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
     """Run the stage; returns the metrics written to ``cfg['metrics']``."""
-    from sipa_core.prune.masks import sparsity
-    from sipa_core.runtime import provenance
-
     started = time.time()
     run = _start(cfg, params_file, progress)
     baseline = input_accuracy(run)
     results = [quantize_network(run, cfg["widths"])]
     results += [quantize_network(run, widths_of(cfg, *parse_label(label))) for label in cfg["compare_widths"]]
     chosen = results[0]
-    metrics = {**chosen["summary"], "accuracy": chosen["accuracy"], "val_accuracy": chosen["val_accuracy"],
-               "main_accuracy": chosen["main_accuracy"], "input_accuracy": baseline,
-               "accuracy_change": chosen["accuracy"] - baseline, "threshold": chosen["threshold"],
-               "exit_ratio": chosen["exit_ratio"], "val_exit_ratio": chosen["val_exit_ratio"],
-               "val_target": chosen["val_target"], "exit_kept": chosen["net"] is not None,
-               "elementwise_bits": ELEMENTWISE_BITS, "widths": chosen["widths"].label(),
-               "input_sparsity": sparsity(run.main), "sparsity": sparsity(chosen["main"])}
+    metrics = _metrics(run, chosen, baseline)
     rows = [width_row(r, r is chosen) for r in results]
     onnx_files, onnx_metrics = onnx_check(run, chosen)
     metrics.update(onnx_metrics)

@@ -7,6 +7,7 @@ dotted key in every message.
 
 from __future__ import annotations
 
+from sipa_core.errors import SipaError
 from sipa_core.models.layers import ACTIVATIONS
 from sipa_core.params import Field, check_section
 
@@ -53,14 +54,20 @@ RECIPE_SCHEMA = {
     "deterministic": Field(bool, True, help="deterministic kernels (same run, same metrics on the CPU)"),
     "device": Field(str, "auto", help="auto | cpu | cuda | cuda:N"),
 }
+# How to run fast, not what to learn: what a stage training its own recipe (the exit, QAT) takes
+# from its input checkpoint's recipe.
+SPEED_KEYS = ("precision", "channels_last", "compile", "device", "deterministic", "eval_batch_size")
+
+
+def speed_settings(recipe: dict | None) -> dict:
+    """The speed settings of ``recipe`` (an input checkpoint's; None: none)."""
+    return {k: v for k, v in (recipe or {}).items() if k in SPEED_KEYS}
 
 
 def check_recipe(values, *, file="params.yaml", section="recipe") -> dict:
     """The recipe with defaults filled in; errors name ``file: section.key``."""
     recipe = check_section(values, RECIPE_SCHEMA, file=file, section=section)
     if recipe["compile_mode"] != "default" and not recipe["compile"]:
-        from sipa_core.errors import SipaError
-
         raise SipaError(f"{file}: {section}.compile_mode: {recipe['compile_mode']} needs compile: true")
     return recipe
 
