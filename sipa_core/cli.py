@@ -9,6 +9,15 @@ import sys
 from sipa_core.errors import exits_cleanly
 
 
+def _add_accounting(value: str):
+    """--add-bits: a width 1..32, int or tree."""
+    if value.isdigit() and 1 <= int(value) <= 32:
+        return int(value)
+    if value in ("int", "tree"):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a width from 1 to 32, int or tree, got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sipa", description="SIPA: efficient networks under a MicroNet budget.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -18,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, default=16, help="bits per value: 16 = the freebie (default), 32, or fewer")
     s.add_argument("--weight-bits", type=int, default=None, metavar="W", help="weight width (default: --bits)")
     s.add_argument("--act-bits", type=int, default=None, metavar="A", help="activation width (default: --bits)")
-    s.add_argument("--add-bits", type=int, default=32, metavar="B", help="accumulator width (default 32)")
+    s.add_argument("--add-bits", type=_add_accounting, default=32, metavar="B",
+                   help="additions: a width (32, the strict default; 16) or the 2019 entries' accounting of "
+                        "a layer's accumulation, int or tree (the adder-tree score is always shown too)")
     s.add_argument("--layer-bits", action="append", default=[], metavar="PATTERN=W[:A]",
                    help="widths of the layers a module-name pattern covers, e.g. stem=8 classifier=8:8 (repeatable)")
     s.add_argument("--uniform-sparsity", type=float, default=None, metavar="S",

@@ -44,10 +44,13 @@ def format_report(result, name: str, layers: bool) -> str:
         f"parameters      {_fmt(s['params'])} (32-bit equivalent), {s['params_mb']:.6f} MB,"
         f" weight sparsity {s['weight_sparsity']:.2%}",
         f"math ops        {_fmt(s['ops'])} (32-bit equivalent) = {_fmt(s['mults'])} mults at their input widths"
-        f" + {_fmt(s['adds'])} adds x {result.widths.add}/32",
+        f" + {_fmt(s['adds'])} adds " + (f"x {result.widths.add}/32" if isinstance(result.widths.add, int)
+                                         else f"by the {result.widths.add} accounting"),
         f"params score    {s['params_score']:.6f}",
         f"ops score       {s['ops_score']:.6f}",
         f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)",
+        f"adder tree      ops {_fmt(s['ops_tree'])}, ops score {s['ops_score_tree']:.6f}, score {s['score_tree']:.6f}"
+        f"   (the 2019 entries' accounting of a layer's accumulation)",
     ]
     return "\n".join(lines)
 
@@ -155,7 +158,9 @@ def _score_with_exit(args, model, record, size, name) -> int:
         f"{_fmt(cost.exit_ops)}; full {_fmt(cost.full_ops)})",
         f"params score    {s['params_score']:.6f}",
         f"ops score       {s['ops_score']:.6f}",
-        f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)"]))
+        f"score           {s['score']:.6f}   (WideResNet-28-10 = 2.0: 1.0 + 1.0)",
+        f"adder tree      ops {_fmt(s['ops_tree'])}, ops score {s['ops_score_tree']:.6f}, score {s['score_tree']:.6f}"
+        f"   (the 2019 entries' accounting of a layer's accumulation)"]))
     return 0
 
 

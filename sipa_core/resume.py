@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sipa_core.io import atomic_torch_save, atomic_write_json, load_checkpoint
-from sipa_core.runtime import record_training, training_cost
+from sipa_core.runtime import record_teacher, record_training, training_cost
 
 
 def run_key(blob: Any, length: int = 12) -> str:
@@ -55,6 +55,8 @@ def load_kept(path: str | Path, fmt: str | None = None, *, what: str = "kept res
     cost = value.get("training_cost")
     if counted and cost:
         record_training(cost["images_trained"], epochs=cost["train_epochs"])
+        if cost.get("teacher_images"):
+            record_teacher(cost["teacher_images"])
     return value
 
 

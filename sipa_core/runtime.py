@@ -28,6 +28,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 _TRAINED: list[tuple[float, int, int]] = []  # (when, images, epochs) noted in this process
+_TEACHER: list[tuple[float, int]] = []  # (when, images) a distillation teacher evaluated
 
 
 def record_training(images: int, epochs: int = 1) -> None:
@@ -36,11 +37,19 @@ def record_training(images: int, epochs: int = 1) -> None:
     _TRAINED.append((time.time(), int(images), int(epochs)))
 
 
+def record_teacher(images: int) -> None:
+    """The note of a teacher's forward passes over ``images`` (distillation)."""
+    _TEACHER.append((time.time(), int(images)))
+
+
 def training_cost(since: float) -> dict:
     """Training images and epochs noted since ``since`` (a stage's or a unit's start): what the
-    result cost, the same whether the work ran here or was resumed or kept from an earlier run."""
+    result cost, the same whether the work ran here or was resumed or kept from an earlier run;
+    with distillation, the images the teacher evaluated too (``teacher_images``)."""
     done = [(n, e) for t, n, e in _TRAINED if t >= since]
-    return {"images_trained": sum(n for n, _ in done), "train_epochs": sum(e for _, e in done)}
+    cost = {"images_trained": sum(n for n, _ in done), "train_epochs": sum(e for _, e in done)}
+    teacher = sum(n for t, n in _TEACHER if t >= since)
+    return {**cost, "teacher_images": teacher} if teacher else cost
 
 
 def provenance(*, seed: int, device: str, started: float) -> dict:

@@ -99,6 +99,10 @@ CASES = [
     ("prune", {"prune": {"model": "quantized.pt"}}, "prune.model: quantized.pt is already quantized (W8A8"),
     ("accelerate", {"accelerate": {"model": "quantized.pt"}}, "accelerate.model: quantized.pt is already quantized"),
     ("improve", {"improve": {"init": "quantized.pt"}}, "improve.init: quantized.pt is already quantized"),
+    # Distillation: a weight out of range, and a weight where the stage has no teacher.
+    ("prune", {"prune": {"recipe": {"distill_weight": 1.5}}}, "prune.recipe.distill_weight: must be <= 1"),
+    ("improve", {"improve": {"base": {"distill_weight": 0.5}}}, "improve.base.distill_weight: this stage has no"),
+    ("accelerate", {"accelerate": {"recipe": {"distill_weight": 0.5}}}, "accelerate.recipe.distill_weight: this"),
 ]
 
 

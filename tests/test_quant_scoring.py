@@ -2,6 +2,8 @@
 from the layer shapes of sipa_baseline (forward hooks give each layer's output shape;
 the arithmetic below is written from the rules, not taken from the counter)."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from sipa_core.cli import main
 from sipa_core.errors import SipaError
 from sipa_core.models import create_model
 from sipa_core.models.efficientnet import MBConv
@@ -159,3 +162,113 @@ def test_elementwise_products_at_their_own_width(shapes):
     assert BitWidths(4, 4, 32, (), 16).label() == "W4A4, elementwise 16"
     with pytest.raises(SipaError, match="elementwise product bits"):
         BitWidths(4, 4, 32, (), 40)
+
+
+# The adder-tree accounting (facts sheet section 9), derived here from the rule: operands of
+# w + a - 1 bits (signed activations); a pair of operands is added at the wider one's width and
+# the sum is one bit wider; an odd operand waits for the next level.
+def adder_tree(n: int, b0: int) -> int:
+    widths, total = [b0] * n, 0
+    while len(widths) > 1:
+        paired = [max(x, y) for x, y in zip(widths[::2], widths[1::2])]
+        total += sum(paired)
+        widths = [w + 1 for w in paired] + (widths[-1:] if len(widths) % 2 else [])
+    return total
+
+
+def fixed_integer(n: int, b0: int) -> int:
+    """n - 1 additions at the width that holds any sum of n operands of b0 bits."""
+    return (n - 1) * (b0 + (n - 1).bit_length()) if n > 1 else 0
+
+
+def per_output(cost, n: float, b0: int) -> float:
+    """An average kernel of n nonzeros (uniform sparsity): between the two whole counts around it."""
+    low, f = int(n), n - int(n)
+    return (1 - f) * cost(low, b0) + f * cost(low + 1, b0)
+
+
+def test_the_adder_tree_by_hand():
+    # 27 operands of 7 bits (a 3x3x3 kernel, W4A4): 13 adds at 7, 7 at 8, 3 at 9, 2 at 10, 1 at 11
+    assert adder_tree(27, 7) == 13 * 7 + 7 * 8 + 3 * 9 + 2 * 10 + 1 * 11 == 205
+    assert fixed_integer(27, 7) == 26 * 12  # 27 values of 7 bits need 12
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(256, 10))
+    s = count(model, (3, 8, 8), bits=BitWidths(4, 4)).summary()
+    conv = 256 * (adder_tree(27, 7) + 27 * 4 + 16)  # per output: its tree, 27 mults at 4 bits, its scale
+    linear = 10 * (adder_tree(256, 7) + 256 * 4 + 16 + 16)  # ... and the bias at 16 bits
+    assert s["ops_tree"] == (conv + linear) / 32
+    assert s["score"] > s["score_tree"]  # the strict accounting: every addition at 32 bits
+
+
+def by_hand_tree(rows, w_bits, a_bits, density=1.0, cost=adder_tree):
+    """32-bit-equivalent ops of sipa_baseline under the int / tree accounting, from the rule: each
+    conv/linear output's accumulation, its multiplies and its per-channel scale (16 bits); every other
+    addition at 16 bits (FP16); elementwise products at the activation width."""
+    bits = 0.0
+    b0 = w_bits + a_bits - 1
+    for name, mod, shape_in, shape_out in rows:
+        n_out = torch.Size(shape_out).numel()
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            n = mod.weight[0].numel() * density
+            bits += n_out * (per_output(cost, n, b0) + n * max(w_bits, a_bits) + 16)
+            bits += n_out * 16 if mod.bias is not None else 0
+        elif isinstance(mod, nn.BatchNorm2d):
+            bits += n_out * 16
+        elif isinstance(mod, nn.SiLU):
+            bits += 3 * n_out * a_bits + n_out * 16
+        elif isinstance(mod, SqueezeExcite):
+            c, hw = shape_in[1], shape_in[2] * shape_in[3]
+            bits += (c + 2 * c + n_out) * a_bits + (c * (hw - 1) + c) * 16
+        elif isinstance(mod, MBConv) and mod.residual:
+            bits += n_out * 16
+        elif name == "head":
+            c, hw = shape_out[1], shape_out[2] * shape_out[3]
+            bits += c * a_bits + c * (hw - 1) * 16
+    return bits / 32
+
+
+@pytest.mark.parametrize("w, a, sparsity", [(4, 4, 0.64), (4, 4, 0.0), (8, 8, 0.0), (4, 8, 0.64)])
+@pytest.mark.parametrize("add, cost", [("tree", adder_tree), ("int", fixed_integer)])
+def test_int_and_tree_accountings_of_sipa_baseline(shapes, w, a, sparsity, add, cost):
+    model, rows = shapes
+    ops = by_hand_tree(rows, w, a, 1 - sparsity, cost)
+    widths = BitWidths(w, a, add)
+    s = count(model, (3, 32, 32), bits=widths, uniform_sparsity=sparsity or None).summary()
+    assert s["ops"] == pytest.approx(ops, rel=1e-9)
+    params_bytes, strict = by_hand(model, rows, w, a, density=1 - sparsity)
+    assert s["params_bytes"] == pytest.approx(params_bytes, rel=1e-9)  # parameters are counted alike
+    assert s["score"] == pytest.approx(params_bytes / REFERENCE_BYTES + ops / REFERENCE_OPS, rel=1e-9)
+    strict_count = count(model, (3, 32, 32), bits=BitWidths(w, a), uniform_sparsity=sparsity or None).summary()
+    assert strict_count["ops"] == pytest.approx(strict, rel=1e-9)  # the strict key stays the strict one
+    if add == "tree":
+        assert strict_count["ops_tree"] == pytest.approx(ops, rel=1e-9)  # ... with the tree beside it
+
+
+def test_a_sparse_kernel_accumulates_over_its_own_nonzeros():
+    """Real sparsity: each output channel's tree runs over that channel's nonzero weights."""
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight.view(3, -1)[0, :2] = 1.0   # channel 0: 2 nonzeros
+        conv.weight.view(3, -1)[1, :5] = 1.0   # channel 1: 5
+        conv.weight.view(3, -1)[2, :1] = 1.0   # channel 2: 1 (no addition)
+    s = count(conv, (2, 4, 4), bits=BitWidths(4, 4)).summary()
+    per_pixel = adder_tree(2, 7) + adder_tree(5, 7) + adder_tree(1, 7) + (2 + 5 + 1) * 4 + 3 * 16
+    assert adder_tree(1, 7) == 0 and s["ops_tree"] == 16 * per_pixel / 32
+    assert s["weight_sparsity"] == pytest.approx(1 - 8 / 54)
+
+
+def test_the_papers_final_network_under_both_accountings():
+    """sipa_baseline 64% sparse with the exit after block 4 at ratio 0.3217 (the paper's final
+    network), W4A4: the figures docs/scoring.md gives, from `sipa score ... --json`."""
+    args = ["score", "--arch", "sipa_baseline", "--uniform-sparsity", "0.64", "--exit-after", "4",
+            "--exit-ratio", "0.3217", "--weight-bits", "4", "--act-bits", "4", "--json"]
+    strict, tree = (json.loads(_sipa(args + ["--add-bits", add])) for add in ("32", "tree"))
+    assert strict["score_tree"] == pytest.approx(tree["score"]) and tree["score"] < strict["score"]
+    assert strict["params_score"] == tree["params_score"] and strict["ops_score_tree"] == tree["ops_score"]
+
+
+def _sipa(args: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(args) == 0
+    return out.getvalue()

@@ -138,6 +138,7 @@ def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, acceler
     ({"layers": {"nothing_here": [8, 8]}}, "'nothing_here' names no layer"),
     ({"layers": {"stem": [8]}}, "quantize.layers"),
     ({"compare_widths": ["W4"]}, "quantize.compare_widths"),
+    ({"add_bits": "fp8"}, "quantize.add_bits: addition accounting must be a width from 1 to 32, int or tree"),
     ({"recipe": {"epochs": 3}}, "quantize.recipe"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, accelerated, change, message, run_script):

@@ -42,13 +42,16 @@ def test_table_and_summary(tmp_path):
     info = json.loads((tmp_path / "info/report.json").read_text())
     assert info["final_stage"] == "accelerate" and info["stages"]["prune"]["score"] == 0.006
     assert s["pipeline_wall_time_s"] == pytest.approx(40.0)
-    table = (tmp_path / "reports/table1.md").read_text().splitlines()
+    table1, leaderboard = (tmp_path / "reports/table1.md").read_text().split("## Beside the 2019")
+    table = table1.splitlines()
     rows = [line for line in table if line.startswith("| ")]
     assert rows[0].startswith("| stage | accuracy | parameters (n) | math ops (n)")
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "Searching", "Improving", "Pruning", "Accelerating", "WideResNet-28-10 (reference)",
         "Searching (paper)", "Improving (paper)", "Pruning (paper)", "Accelerating (paper)"]
-    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 | 0.00M | 10 s |" in rows
+    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 | - | 0.00M | 10 s |" in rows
+    assert "| #1 (CIFAR-100) | 0.0044 | DenseNet-100 distilled" in leaderboard
+    assert "| this run: Accelerating (50.00%) | 0.005000 | every addition at 32 bits (strict); - by" in leaderboard
     assert "0.005798" in rows[-1] and rows[-1].endswith("| - | - |")
     assert s["images_trained"] == 4000 and "Pipeline cost: 4,000 training images processed, 40 s" in "\n".join(table)
     # The default stages end with the quantized network, its widths in its row's name.
@@ -56,6 +59,13 @@ def test_table_and_summary(tmp_path):
     s = report(read_config(params), params_file=str(params))
     assert s["final_stage"] == "quantize" and s["score"] == 0.0025
     assert "| Quantizing (W8A4) | 50.00%" in (tmp_path / "reports/table1.md").read_text()
+    # With the adder-tree keys the stages record, the table and the summary carry both accountings.
+    path = tmp_path / "metrics/quantize.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "score_tree": 0.0012}))
+    s = report(read_config(params), params_file=str(params))
+    text = (tmp_path / "reports/table1.md").read_text()
+    assert s["score_tree"] == 0.0012 and "| 0.002500 | 0.001200 | 0.00M | 10 s |" in text
+    assert "| this run: Quantizing (W8A4) (50.00%) | 0.002500 | every addition at 32 bits (strict); 0.001200" in text
     csv = (tmp_path / "plots/summary.csv").read_text().splitlines()
     assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 6
 
@@ -103,6 +113,7 @@ def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
     _metrics(tmp_path, search=0.015, improve=0.015, prune=0.006, accelerate=0.005, quantize=0.0025)
     extra = {"improve": dict(accuracy=0.80, base_accuracy=0.78, params=1e5),
              "prune": dict(accuracy=0.796, weight_sparsity=0.6, accuracy_change=-0.004, params=4e4),
+             "quantize": dict(score_tree=0.001),
              "accelerate": dict(accuracy=0.790, ops_saving=0.2, accuracy_change=-0.006, exit_ratio=0.4,
                                 aurc_softsmoothing=0.10, aurc_cross_entropy=0.12, cross_entropy_exit_ratio=0.3,
                                 cross_entropy_accuracy=0.789)}
@@ -115,7 +126,9 @@ def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
     report(read_config(params), params_file=str(params))
     rows = [line for line in (tmp_path / "reports/claims.md").read_text().splitlines() if line.startswith("| ")]
     verdicts = [r.rsplit("|", 2)[1].strip() for r in rows[1:]]
-    assert verdicts == ["holds", "holds", "does not hold", "holds"]  # the exit loses 0.6 pp > 0.5 pp
+    assert verdicts == ["holds", "holds", "does not hold", "holds", "a count, not a claim"]  # exit: -0.6 pp > 0.5
+    assert ("W8A4, test 50.00%: score 0.002500 with every addition at 32 bits, 0.001000 by adder tree, below "
+            "the 2019 winner's 0.0044") in rows[5]
     assert "improved 80.00% against base 78.00% (+2.00 pp)" in rows[1]
     assert "60.0% of the prunable weights removed (60.0% of the counted parameter bytes)" in rows[2]
     assert "expected ops -20.0% (exit ratio 40.0%), test accuracy -0.60 pp" in rows[3]
@@ -123,11 +136,11 @@ def test_claims_table_holds_each_claim_against_its_threshold(tmp_path):
     # The loss the stage recorded decides which keys are whose, not which keys exist.
     (tmp_path / "info/accelerate.json").write_text(json.dumps({"loss": "cross_entropy"}))
     report(read_config(params), params_file=str(params))
-    row = (tmp_path / "reports/claims.md").read_text().splitlines()[-1]
+    row = (tmp_path / "reports/claims.md").read_text().splitlines()[-2]  # the loss claim
     assert "softsmoothing no threshold meets the target, cross-entropy 40.0% out, test 79.00%" in row
     (tmp_path / "info/accelerate.json").unlink()
     report(read_config(params), params_file=str(params))
-    row = (tmp_path / "reports/claims.md").read_text().splitlines()[-1]
+    row = (tmp_path / "reports/claims.md").read_text().splitlines()[-2]  # the loss claim
     assert "loss is not recorded" in row and row.endswith("| not measured |")
 
 

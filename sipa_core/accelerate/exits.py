@@ -21,6 +21,7 @@ from sipa_core.errors import SipaError
 from sipa_core.models.layers import make_activation
 from sipa_core.quantize.qat import quantized_structure
 from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, BitWidths, count, expected_ops
+from sipa_core.scoring.counter import tree_keys
 
 LOSSES = ("softsmoothing", "cross_entropy")
 
@@ -154,9 +155,12 @@ class ExitCost:
     path_adds: float
     exit_adds: float
     widths: BitWidths
+    tree_ops: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (full, path, exit) under the adder-tree accounting
 
     def summary(self, ratio: float) -> dict:
         ops = expected_ops(self.full_ops, [(self.path_ops, self.exit_ops, ratio)])
+        full_tree, path_tree, exit_tree = self.tree_ops
+        ops_tree = expected_ops(full_tree, [(path_tree, exit_tree, ratio)])
         mults = expected_ops(self.full_mults, [(self.path_mults, self.exit_mults, ratio)])
         adds = expected_ops(self.full_adds, [(self.path_adds, self.exit_adds, ratio)])
         params_bytes = self.main_bytes + self.exit_bytes
@@ -164,7 +168,8 @@ class ExitCost:
                 "ops": ops, "mults": mults, "adds": adds, "weight_bits": self.widths.weight,
                 "act_bits": self.widths.act, "add_bits": self.widths.add,
                 "params_score": params_bytes / REFERENCE_BYTES, "ops_score": ops / REFERENCE_OPS,
-                "score": params_bytes / REFERENCE_BYTES + ops / REFERENCE_OPS, "exit_ratio": ratio}
+                "score": params_bytes / REFERENCE_BYTES + ops / REFERENCE_OPS, "exit_ratio": ratio,
+                **tree_keys(params_bytes, ops_tree)}
 
 
 def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16,
@@ -180,8 +185,9 @@ def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16,
                uniform_sparsity=exit_uniform_sparsity)
     ms = main.summary()
     es = ex.summary()
+    tree = (ms["ops_tree"], main.block_ops_at(block, "tree"), es["ops_tree"])
     return ExitCost(ms["params_bytes"], es["params_bytes"], ms["ops"], block.ops, es["ops"],
-                    ms["mults"], block.mults, es["mults"], ms["adds"], block.adds, es["adds"], main.widths)
+                    ms["mults"], block.mults, es["mults"], ms["adds"], block.adds, es["adds"], main.widths, tree)
 
 
 def risk_coverage(logits: torch.Tensor, labels: torch.Tensor, points: int = 100):

@@ -34,7 +34,7 @@ from sipa_core.stage_common import load_data, load_input_model, score_metrics
 from sipa_core.stage_runner import Stage
 from sipa_core.train import fit, half_weights, normalized, predict
 from sipa_core.train.evaluation import accuracy
-from sipa_core.train.recipe import check_recipe, speed_settings
+from sipa_core.train.recipe import check_recipe, refuse_distillation, speed_settings
 
 LOGITS_FORMAT = "sipa-exit-logits"
 
@@ -110,6 +110,7 @@ def read_config(params_path: str | Path) -> dict:
     refuse_keys(cfg["recipe"], ("epochs", "seed"), file=params_path, section="accelerate.recipe",
                 why="set accelerate.epochs / accelerate.seed instead (the stage sets these itself)")
     check_recipe({**cfg["recipe"], "epochs": cfg["epochs"]}, file=params_path, section="accelerate.recipe")
+    refuse_distillation(cfg["recipe"], file=params_path, section="accelerate.recipe")
     if cfg["kernel"] % 2 != 1:
         raise SipaError(f"{params_path}: accelerate.kernel: must be odd (same padding), got {cfg['kernel']}")
     if cfg["thresholds"] is None:

@@ -30,7 +30,7 @@ from sipa_core.resume import file_digest, keep, load_kept, run_key
 from sipa_core.stage_common import create_seeded_model, load_data, resolve_arch, stage_metrics
 from sipa_core.stage_runner import Stage
 from sipa_core.train import TrainingDiverged, configure_model, evaluate, fit
-from sipa_core.train.recipe import check_recipe
+from sipa_core.train.recipe import check_recipe, refuse_distillation
 
 IMPROVE_SCHEMA = {
     "arch": Field(str, PATHS["search"]["out_arch"],
@@ -65,6 +65,7 @@ def read_config(params_path: str | Path) -> dict:
     base = dict(PAPER_BASE) if cfg["preset"] == "paper" else {}
     base.update(cfg["base"])
     cfg["base"] = check_recipe(base, file=params_path, section="improve.base")
+    refuse_distillation(cfg["base"], file=params_path, section="improve.base")
     cfg["options"] = check_section(cfg["options"], OPTIONS_SCHEMA, file=params_path, section="improve.options")
     if cfg["preset"] == "paper" and not cfg["adopt"]:
         cfg["adopt"] = list(PAPER_ADOPTED)

@@ -12,6 +12,7 @@ does, the input model passes through unchanged.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,7 @@ class PruneRun:
     ref_test: float = 0.0
     ref_params: float = 0.0
     rows: list = field(default_factory=list)
+    teacher: torch.nn.Module | None = None  # distillation (recipe.distill_weight > 0): the input network
 
     @property
     def fp16(self) -> bool:
@@ -173,7 +175,9 @@ def _prepare_run(cfg: dict, params_file: str, progress):
         key_blob.update(every=cfg["gradual_every"], finetune=cfg["gradual_finetune_epochs"])
     key = run_key({**key_blob, "recipe": recipe, "input": file_digest(source), "data": data.source,
                    "splits": lineage["splits"]})
-    return PruneRun(cfg, data, split, recipe, Path(cfg["state"]) / key, lineage), model
+    run = PruneRun(cfg, data, split, recipe, Path(cfg["state"]) / key, lineage)
+    run.teacher = copy.deepcopy(model).eval() if recipe["distill_weight"] else None
+    return run, model
 
 
 def _prune_step(run: PruneRun, model, masks: dict, k: int, target: float):
@@ -205,7 +209,8 @@ def _retrain(run: PruneRun, model, masks: dict, k: int, progress):
         fit(trainee, run.data, run.recipe, state_path=run.round_dir(k) / "train.pt", val_split=None,
             train_splits=tuple(run.lineage["splits"]),
             after_step=(lambda m: apply_masks(m, masks)) if masks else None,
-            tag=f"prune-round-{k}", desc=f"prune round {k}/{len(cfg['schedule'])}", progress=progress)
+            tag=f"prune-round-{k}", desc=f"prune round {k}/{len(cfg['schedule'])}", progress=progress,
+            teacher=run.teacher)
         model = create_model(trainee.spec)
         model.load_state_dict(trainee.state_dict())  # back to plain modules (state-dict compatible)
     return model.cpu().eval()
@@ -222,7 +227,7 @@ def _gradual(run: PruneRun, model, progress):
     trainee.load_state_dict(model.state_dict())
     fit(trainee, run.data, recipe, state_path=run.round_dir(1) / "train.pt", val_split=None,
         train_splits=tuple(run.lineage["splits"]), after_step=pruner, tag="prune-gradual",
-        desc=f"gradual pruning to {cfg['schedule'][-1]:.0%}", progress=progress)
+        desc=f"gradual pruning to {cfg['schedule'][-1]:.0%}", progress=progress, teacher=run.teacher)
     model = create_model(trainee.spec)
     model.load_state_dict(trainee.state_dict())
     return model.cpu().eval(), pruner.masks or {}

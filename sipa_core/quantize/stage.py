@@ -45,7 +45,7 @@ from sipa_core.quantize.qat import calibrate, check_widths, float_twin, fold_bat
 from sipa_core.resume import file_digest, run_key
 from sipa_core.runtime import provenance
 from sipa_core.scoring import count
-from sipa_core.scoring.bits import BitWidths
+from sipa_core.scoring.bits import BitWidths, parse_add
 from sipa_core.stage_common import load_data, load_input_model
 from sipa_core.stage_runner import Stage
 from sipa_core.train import fit, predict
@@ -69,6 +69,14 @@ def _layers(value) -> str | None:
     return None
 
 
+def _add_accounting(value) -> str | None:
+    try:
+        parse_add(value)
+    except SipaError as err:
+        return str(err)
+    return None
+
+
 def _labels(value) -> str | None:
     for label in value:
         if parse_label(label) is None:
@@ -85,7 +93,9 @@ def parse_label(label) -> tuple[int, int] | None:
 QUANTIZE_SCHEMA = {
     "weight_bits": Field(int, 8, min=2, max=16, help="default weight width (16: left in floating point)"),
     "act_bits": Field(int, 8, min=2, max=16, help="default width of conv/linear inputs (16: floating point)"),
-    "add_bits": Field(int, 32, min=1, max=32, help="accumulator width the score counts additions at"),
+    "add_bits": Field((int, str), 32, check=_add_accounting,
+                      help="how `score` counts additions: a width (32: strict) or int / tree (facts sheet "
+                           "section 9); the adder-tree accounting is always recorded too (score_tree)"),
     "layers": Field(dict, {}, check=_layers,
                     help="per-layer widths by module-name pattern, first match wins: {stem: [8, 8]}"),
     "epochs": Field(int, 2, min=0, help="QAT epochs of the main network"),
@@ -193,7 +203,8 @@ def _train_main(run: QuantRun, widths: BitWidths, run_dir: Path) -> torch.nn.Mod
     if run.cfg["epochs"] > 0:
         fit(main, run.data, run.recipe, state_path=run_dir / "main.pt", tag=f"quantize-main-{widths.label()}",
             desc=f"QAT {widths.label()}", train_splits=tuple(run.lineage["splits"]), val_split="val"
-            if len(run.data.val_y) else None, after_step=lambda m: apply_masks(m, masks), progress=run.progress)
+            if len(run.data.val_y) else None, after_step=lambda m: apply_masks(m, masks), progress=run.progress,
+            teacher=copy.deepcopy(run.main) if run.recipe["distill_weight"] else None)
     return main.cpu().eval()
 
 
@@ -214,7 +225,8 @@ def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir
             state_path=run_dir / "exit.pt", tag=f"quantize-exit-{widths.label()}", desc=f"QAT exit {widths.label()}",
             params=list(net.exit.parameters()), loss_fn=LOSS_FUNCTIONS[run.exit_record.get("loss", "softsmoothing")],
             train_mode=train_mode, train_splits=tuple(run.lineage["splits"]), val_split="val",
-            after_step=lambda m: apply_masks(m.exit, masks), progress=run.progress)
+            after_step=lambda m: apply_masks(m.exit, masks), progress=run.progress,
+            teacher=copy.deepcopy(float_net) if run.recipe["distill_weight"] else None)
     return net.cpu().eval()
 
 

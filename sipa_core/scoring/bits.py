@@ -9,6 +9,15 @@ addition costs add_bits / 32 (the accumulator, 32 unless the model really
 accumulates narrower). The 16-bit freebie is the same rule with every
 weight and activation at 16 bits.
 
+``add`` is the accounting of the additions (facts sheet section 9): a width
+(32, the strict accounting; 16, FP16 accumulation; any width 1..32) for
+every addition, or ``"int"`` / ``"tree"``, the accountings the 2019 entries
+used: a conv or linear layer's accumulation over the n nonzero weights of an
+output's kernel as n - 1 additions at the width of a fixed-length integer
+that cannot overflow (``int``) or level by level in a binary adder tree
+(``tree``), from operands of weight + activation bits (less one: the
+activations are signed); the other additions at 16 bits (FP16).
+
 Layers are named by module-name patterns (``fnmatch``; a pattern also
 covers every module under it: ``stem`` matches ``stem.0``), first match wins.
 """
@@ -19,6 +28,18 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from sipa_core.errors import SipaError
+
+
+ADD_ACCOUNTINGS = ("int", "tree")  # besides a width: the accumulation counted as integer adders
+
+
+def parse_add(value) -> int | str:
+    """An addition accounting from a params value or a command-line string: 1..32, ``int`` or ``tree``."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value in ADD_ACCOUNTINGS or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 32):
+        return value
+    raise SipaError(f"addition accounting must be a width from 1 to 32, int or tree, got {value!r}")
 
 
 def _check_width(value, what: str) -> int:
@@ -39,14 +60,14 @@ class BitWidths:
 
     weight: int = 16
     act: int = 16
-    add: int = 32
+    add: int | str = 32  # a width for every addition, or "int" / "tree" (ADD_ACCOUNTINGS)
     overrides: tuple[tuple[str, int, int], ...] = ()
     elementwise: int | None = None  # elementwise products' width when not the activation width
 
     def __post_init__(self):
         _check_width(self.weight, "weight bits")
         _check_width(self.act, "activation bits")
-        _check_width(self.add, "addition (accumulator) bits")
+        parse_add(self.add)
         if self.elementwise is not None:
             _check_width(self.elementwise, "elementwise product bits")
         for pattern, w, a in self.overrides:
@@ -100,7 +121,7 @@ class BitWidths:
 
     @classmethod
     def from_dict(cls, d: dict) -> BitWidths:
-        return cls(int(d["weight"]), int(d["act"]), int(d.get("add", 32)),
+        return cls(int(d["weight"]), int(d["act"]), parse_add(d.get("add", 32)),
                    tuple((str(p), int(w), int(a)) for p, w, a in d.get("overrides", [])),
                    None if d.get("elementwise") is None else int(d["elementwise"]))
 

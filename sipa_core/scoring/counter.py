@@ -27,7 +27,19 @@ Rules, per example:
   that is cheaper than dense); biases stay dense;
 * a multiplication costs mul_bits / 32: the wider of weight and activation
   width for a convolution or matrix product, the activation width for an
-  elementwise one; every addition costs add_bits / 32 (32: accumulators).
+  elementwise one; every addition costs add_bits / 32 (32: accumulators);
+* the adder-tree accounting (``add="tree"``, and ``"int"``; facts sheet
+  section 9), counted beside the strict one in ``summary()``'s ``*_tree``
+  keys: a quantized conv or linear layer's accumulation, per output element
+  over the n nonzero weights of its kernel, in a binary adder tree from
+  operands of w + a - 1 bits (signed activations), the width growing by one
+  bit per level (``int``: n - 1 additions at the final width); one
+  multiplication per output element for its per-channel scale; a
+  floating-point layer (16 bits or wider) accumulates at its width; every
+  other addition (biases, activation functions, pooling, residuals) at 16
+  bits (FP16). Under ``--uniform-sparsity`` a kernel keeps fan_in x density
+  nonzeros on average; the cost is interpolated between the integer counts
+  around it.
 
 Operations whose inputs are all parameters or buffers (a mask applied to a
 weight, a transpose of a weight) are precomputable and cost nothing.
@@ -81,6 +93,10 @@ class OpCost:
     out_shape: tuple
     density: float = 1.0
     mul_bits: int = 32  # width of the multiplications' inputs
+    # A conv or linear layer's accumulation: groups of (output elements, nonzero weights per output's
+    # kernel), and the layer's (weight bits, activation bits); empty for every other operation.
+    accumulation: tuple[tuple[float, float], ...] = ()
+    layer_bits: tuple[int, int] = (32, 32)
 
 
 @dataclass
@@ -103,12 +119,58 @@ class BlockCost:
     mults: float
     adds: float
     ops: float
+    n_ops: int = 0  # the counted operations up to here: its ops under any accounting
 
 
-def ops_of(ops: list[OpCost], add_bits: int) -> float:
-    """32-bit-equivalent math ops of counted operations: each multiply at its
-    mul_bits / 32, each addition at add_bits / 32."""
-    return sum(o.mults * o.mul_bits for o in ops) / 32 + sum(o.adds for o in ops) * add_bits / 32
+FLOAT_BITS = 16  # a layer this wide or wider is floating point: no integer accumulation
+FP16 = 16  # the width of what runs in FP16 under the int/tree accountings
+
+
+def tree_bits(n: int, b0: int) -> float:
+    """Bit-weighted additions of a binary adder tree over ``n`` operands of ``b0`` bits: per level
+    floor(len / 2) additions at the current width, then len = ceil(len / 2) and one bit more."""
+    total, width = 0, b0
+    while n > 1:
+        total += (n // 2) * width
+        n, width = (n + 1) // 2, width + 1
+    return total
+
+
+def int_bits(n: int, b0: int) -> float:
+    """Bit-weighted additions of a fixed-length integer accumulator: n - 1 additions at the
+    width no sum of ``n`` operands of ``b0`` bits can overflow (the adder tree's final width)."""
+    return (n - 1) * (b0 + math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def accumulation_bits(n: float, b0: int, add: str) -> float:
+    """One output's accumulation over ``n`` nonzero weights (interpolated when n is an average)."""
+    cost = tree_bits if add == "tree" else int_bits
+    low = math.floor(n)
+    f = n - low
+    return (1 - f) * cost(low, b0) + (f * cost(low + 1, b0) if f else 0.0)
+
+
+def _op_bits(o: OpCost, add: str) -> float:
+    """An operation's bit-weighted cost under the int or tree accounting."""
+    mult = o.mults * o.mul_bits
+    if not o.accumulation:
+        return mult + o.adds * FP16
+    w, a = o.layer_bits
+    acc_adds = sum(k * max(n - 1, 0) for k, n in o.accumulation)
+    rest = o.adds - acc_adds
+    if max(w, a) >= FLOAT_BITS:  # a floating-point layer accumulates at its own width
+        return mult + acc_adds * min(max(w, a), 32) + rest * FP16
+    outputs = sum(k for k, _ in o.accumulation)
+    acc = sum(k * accumulation_bits(n, w + a - 1, add) for k, n in o.accumulation)
+    return mult + acc + outputs * FP16 + rest * FP16  # + each output's per-channel scale
+
+
+def ops_of(ops: list[OpCost], add: int | str) -> float:
+    """32-bit-equivalent math ops of counted operations: each multiply at its mul_bits / 32, each
+    addition at add / 32 (a width), or by the int / tree accounting."""
+    if isinstance(add, str):
+        return sum(_op_bits(o, add) for o in ops) / 32
+    return sum(o.mults * o.mul_bits for o in ops) / 32 + sum(o.adds for o in ops) * add / 32
 
 
 @dataclass
@@ -135,6 +197,13 @@ class CountResult:
     def ops(self) -> float:
         return ops_of(self.ops_list, self.widths.add)
 
+    def ops_at(self, add: int | str) -> float:
+        """Math ops under another addition accounting (the same counted operations)."""
+        return ops_of(self.ops_list, add)
+
+    def block_ops_at(self, block: BlockCost, add: int | str) -> float:
+        return ops_of(self.ops_list[:block.n_ops], add)
+
     def summary(self) -> dict:
         """The flat keys every stage writes into metrics/<stage>.json."""
         params_bytes, ops = self.params_bytes, self.ops
@@ -156,6 +225,7 @@ class CountResult:
             "params_score": params_score,
             "ops_score": ops_score,
             "score": params_score + ops_score,
+            **tree_keys(params_bytes, self.ops_at("tree")),
         }
 
     def __getitem__(self, key):
@@ -193,6 +263,12 @@ class CountResult:
         return out
 
 
+def tree_keys(params_bytes: float, ops_tree: float) -> dict:
+    """The adder-tree accounting's keys beside the strict ones (parameters are counted alike)."""
+    return {"ops_tree": ops_tree, "ops_score_tree": ops_tree / REFERENCE_OPS,
+            "score_tree": params_bytes / REFERENCE_BYTES + ops_tree / REFERENCE_OPS}
+
+
 def _base_name(func) -> str:
     return func.overloadpacket.__name__.rstrip("_") or func.overloadpacket.__name__
 
@@ -228,11 +304,22 @@ class _Counter(TorchDispatchMode):
         name = self.static.get(w.data_ptr(), "")
         return weight_density(w, self.widths.param_bits(name.rsplit(".", 1)[0]), self.uniform)
 
-    def _record(self, op, mults, adds, out, density=1.0, weighted=False):
+    def _record(self, op, mults, adds, out, density=1.0, weighted=False, accumulation=()):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
         module = self.stack[-1] if self.stack else ""
         self.ops.append(OpCost(module, op, float(mults), float(adds), shape, density,
-                               self.widths.mul_bits(module, weighted)))
+                               self.widths.mul_bits(module, weighted), tuple(accumulation),
+                               self.widths.layer(module)))
+
+    def _kernels(self, per_output: torch.Tensor | None, outputs: int, mean: float, d: float) -> tuple:
+        """Accumulation groups (output elements, nonzeros of their kernel): per output channel for a
+        sparse weight counted sparse (``per_output``: its nonzeros per channel), else ``mean``
+        (fan_in x density) for every output."""
+        if per_output is None or d >= 1 or self.uniform is not None:
+            return ((float(outputs), mean),)
+        each = outputs / len(per_output)
+        values, counts = torch.unique(per_output, return_counts=True)
+        return tuple((each * int(c), float(v)) for v, c in zip(values.tolist(), counts.tolist()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -292,7 +379,9 @@ class _Counter(TorchDispatchMode):
             fan = w.numel() / c_out
             mults = _numel(out) * fan * d
             adds = _numel(out) * (fan * d - 1 + (1 if bias is not None else 0))
-        self._record("conv", mults, adds, out, d, weighted=True)
+        per_channel = None if transposed else torch.count_nonzero(w.reshape(c_out, -1), dim=1)
+        acc = self._kernels(per_channel, _numel(out), mults / max(_numel(out), 1), d)
+        self._record("conv", mults, adds, out, d, weighted=True, accumulation=acc)
         self._remember_linear(out, bias is not None)
 
     def _matmul(self, name, args, out):
@@ -306,7 +395,12 @@ class _Counter(TorchDispatchMode):
         n_out = _numel(out)
         mults = n_out * k * d
         adds = n_out * (k * d - 1 + (1 if bias is not None else 0))
-        self._record("linear" if weight is not None else "matmul", mults, adds, out, d, weighted=weight is not None)
+        per_output = None
+        if weight is not None:  # nonzeros per output feature: columns of the right operand, rows of the left
+            per_output = torch.count_nonzero(weight, dim=-2 if weight is b else -1).reshape(-1)
+        acc = self._kernels(per_output, n_out, k * d, d)
+        self._record("linear" if weight is not None else "matmul", mults, adds, out, d, weighted=weight is not None,
+                     accumulation=acc)
         self._remember_linear(out, bias is not None)
 
     def _batchnorm(self, args, out):
@@ -425,7 +519,7 @@ def count(model: nn.Module, input_shape=(3, 32, 32), bits: int | BitWidths = 16,
             if name in boundaries:
                 m = sum(o.mults for o in counter.ops)
                 a = sum(o.adds for o in counter.ops)
-                blocks.append(BlockCost(name, m, a, ops_of(counter.ops, widths.add)))
+                blocks.append(BlockCost(name, m, a, ops_of(counter.ops, widths.add), len(counter.ops)))
         return hook
 
     for name, mod in modules.items():

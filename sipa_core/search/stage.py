@@ -36,7 +36,7 @@ from sipa_core.search.trials import best_of, run_step, subset_per_class, trial_i
 from sipa_core.stage_common import create_seeded_model, load_data, stage_metrics
 from sipa_core.stage_runner import Stage
 from sipa_core.train import configure_model, fit
-from sipa_core.train.recipe import check_recipe
+from sipa_core.train.recipe import check_recipe, refuse_distillation
 
 
 SEARCH_SCHEMA = {
@@ -76,6 +76,7 @@ def read_config(params_path) -> dict:
     where = f"{params_path}: search"
     cfg["space"] = check_section(cfg["space"], SPACE_SCHEMA, file=params_path, section="search.space")
     cfg["recipe"] = check_recipe(cfg["recipe"], file=params_path, section="search.recipe")
+    refuse_distillation(cfg["recipe"], file=params_path, section="search.recipe")
     cfg["base_scaling"] = check_section(cfg["base_scaling"], {
         k: Field(float, 1.0, min=0, min_exclusive=True) for k in ("width", "depth", "resolution")},
         file=params_path, section="search.base_scaling")

@@ -29,7 +29,7 @@ from sipa_core.data.prepare import PreparedData
 from sipa_core.distributed import all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
-from sipa_core.runtime import record_training, resolve_device
+from sipa_core.runtime import record_teacher, record_training, resolve_device
 from sipa_core.train.augment import cutmix, make_policy, mixup, normalize, random_crop, random_flip, soft_targets
 from sipa_core.train.evaluation import channel_stats_tensor, evaluate
 from sipa_core.train.optim import build_optimizer
@@ -43,6 +43,13 @@ class TrainingDiverged(SipaError):
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor | None = None):
     """Cross-entropy against soft targets (one-hot, smoothed or mixed)."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher || student) of the logits softened at temperature T (Hinton et al.), per image."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean",
+                    log_target=True) * t * t
 
 
 @dataclass
@@ -92,6 +99,7 @@ class TrainingRun:
     loss_fn: Callable
     after_step: Callable | None
     fingerprint: str = ""
+    teacher: nn.Module | None = None  # distillation: frozen, in eval mode, on the device
 
     @property
     def images_per_epoch(self) -> int:
@@ -111,8 +119,24 @@ def _training_tensors(data: PreparedData, train_splits, device) -> tuple[torch.T
     return x, y
 
 
+def _teacher_on(teacher: nn.Module | None, recipe: dict, device) -> nn.Module | None:
+    """The teacher, frozen on the device, when the recipe distils; a distillation weight with no
+    teacher is an error (the stage must give one)."""
+    if not recipe["distill_weight"]:
+        return None
+    if teacher is None:
+        raise SipaError("recipe.distill_weight: distillation needs a teacher, and this training has none")
+    teacher = teacher.to(device).eval()
+    if recipe["channels_last"]:
+        teacher.to(memory_format=torch.channels_last)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_splits=("train",), params=None,
-              loss_fn: Callable | None = None, after_step=None, tag: str = "") -> TrainingRun:
+              loss_fn: Callable | None = None, after_step=None, tag: str = "",
+              teacher: nn.Module | None = None) -> TrainingRun:
     """Device, determinism, data on the device, optimizer and wrappers, in that order."""
     device = resolve_device(recipe["device"])
     set_determinism(recipe["seed"], recipe["deterministic"])
@@ -141,6 +165,7 @@ def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_split
                       policy, channel_stats_tensor(data.mean, device), channel_stats_tensor(data.std, device),
                       data.num_classes, loss_fn or soft_cross_entropy, after_step)
     run.fingerprint = fingerprint(model, data, recipe, tag)
+    run.teacher = _teacher_on(teacher, recipe, device)
     return run
 
 
@@ -176,6 +201,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, qu
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
             logits = run.step_fn(xf)
         loss = run.loss_fn(logits.float(), targets, yb)
+        if run.teacher is not None:
+            loss = _distilled(run, loss, logits.float(), xf)
         # First non-finite step, tracked on the device: no host sync per step on a GPU.
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
         if device.type == "cpu" and bad_step >= 0:
@@ -197,6 +224,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, qu
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     record_training(run.images_per_epoch)
+    if run.teacher is not None:
+        record_teacher(run.images_per_epoch)
     return {"epoch": epoch + 1, "lr": lr_used, "train_loss": float(loss_sum) / run.steps_per_epoch,
             "images_per_sec": run.images_per_epoch / seconds if seconds > 0 else 0.0}
 
@@ -232,22 +261,25 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
         live_dir: str | os.PathLike | None = None, train_splits=("train",), val_split: str | None = "val",
         params=None, loss_fn: Callable | None = None, after_step: Callable[[nn.Module], None] | None = None,
         train_mode: Callable[[nn.Module], None] | None = None, tag: str = "", desc: str = "train",
-        progress: bool | None = None) -> FitResult:
+        progress: bool | None = None, teacher: nn.Module | None = None) -> FitResult:
     """Train ``model`` in place with ``recipe``; resumes from ``state_path`` if it holds this run.
 
     ``params``: the parameters to optimise (default: all); ``loss_fn(logits,
     soft_targets, labels)``; ``after_step(model)`` runs after every optimizer
     step (pruning masks); ``train_mode(model)`` puts the model in training
-    mode (default ``model.train()``; exit training keeps a frozen part in eval).
+    mode (default ``model.train()``; exit training keeps a frozen part in eval); ``teacher``: the
+    network distilled from when ``recipe['distill_weight']`` > 0 (frozen, eval mode, no gradients).
     """
     started = time.perf_counter()
     run = build_run(model, data, recipe, train_splits=train_splits, params=params, loss_fn=loss_fn,
-                    after_step=after_step, tag=tag)
+                    after_step=after_step, tag=tag, teacher=teacher)
     total_epochs = recipe["epochs"] + recipe["stabilize_epochs"]
     state_path = Path(state_path) if state_path else None
     start_epoch, history = restore_state(state_path, run, desc, total_epochs)
     if start_epoch:  # epochs an earlier process trained count toward what this result cost
         record_training(start_epoch * run.images_per_epoch, epochs=start_epoch)
+        if run.teacher is not None:
+            record_teacher(start_epoch * run.images_per_epoch)
     if hasattr(after_step, "begin"):  # a step-aware hook (gradual pruning) learns where the run starts
         after_step.begin(model, start_epoch * run.steps_per_epoch, run.steps_per_epoch)
     live = _Live(live_dir, history)
@@ -272,6 +304,15 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     ips = (sum(r["images_per_sec"] for r in done) / len(done)) if done else 0.0
     val = history[-1].get("val_acc") if history else None
     return FitResult(history, val, total_epochs, start_epoch, time.perf_counter() - started, ips)
+
+
+def _distilled(run: TrainingRun, task_loss: torch.Tensor, logits: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+    """The task loss mixed with distillation from the teacher's logits on the same batch."""
+    w, t = run.recipe["distill_weight"], run.recipe["distill_temperature"]
+    with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32,
+                                         enabled=run.amp_dtype is not None):
+        teacher_logits = run.teacher(xf)
+    return (1 - w) * task_loss + w * distillation_loss(logits, teacher_logits.float(), t)
 
 
 def _diverged(loss, epoch, step, state_path):

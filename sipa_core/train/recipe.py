@@ -50,6 +50,12 @@ RECIPE_SCHEMA = {
     "compile": Field(bool, False, help="torch.compile the training step's model (GPU: faster after warm-up)"),
     "compile_mode": Field(str, "default", choices=("default", "reduce-overhead", "max-autotune"),
                           help="with compile: torch.compile's mode (reduce-overhead: CUDA graphs)"),
+    "distill_weight": Field(float, 0.0, min=0, max=1,
+                            help="distillation: the loss is (1 - w) x the task loss + w x T^2 x KL(teacher || "
+                                 "student) at temperature T; 0 = off. Only where the stage has a teacher (prune: "
+                                 "its input network; quantize: its floating-point input)"),
+    "distill_temperature": Field(float, 4.0, min=0, min_exclusive=True,
+                                 help="distillation temperature T (with distill_weight > 0)"),
     "seed": Field(int, 0, min=0),
     "deterministic": Field(bool, True, help="deterministic kernels (same run, same metrics on the CPU)"),
     "device": Field(str, "auto", help="auto | cpu | cuda | cuda:N"),
@@ -70,6 +76,13 @@ def check_recipe(values, *, file="params.yaml", section="recipe") -> dict:
     if recipe["compile_mode"] != "default" and not recipe["compile"]:
         raise SipaError(f"{file}: {section}.compile_mode: {recipe['compile_mode']} needs compile: true")
     return recipe
+
+
+def refuse_distillation(recipe: dict, *, file, section: str) -> None:
+    """A stage without a teacher refuses a distillation weight instead of ignoring it."""
+    if recipe.get("distill_weight"):
+        raise SipaError(f"{file}: {section}.distill_weight: this stage has no teacher to distil from "
+                        f"(the prune and quantize stages have one); leave it 0")
 
 
 def default_recipe(**overrides) -> dict:
