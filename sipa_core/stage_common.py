@@ -50,10 +50,7 @@ def load_input_model(path: str | Path, data: PreparedData, where: str, producer:
         model, meta = load_model(path)
     except SipaError as err:
         raise SipaError(f"{where}: {err}") from None
-    try:
-        refuse_quantized(meta, path, f"this stage takes a floating-point checkpoint (the {producer} stage's)")
-    except SipaError as err:
-        raise SipaError(f"{where}: {err}") from None
+    refuse_quantized(meta, f"{where}: {path}", f"this stage takes a floating-point checkpoint (the {producer} stage's)")
     if model.spec.get("num_classes") != data.num_classes:
         raise SipaError(f"{where}: {path} predicts {model.spec.get('num_classes')} classes, "
                         f"the data has {data.num_classes}")

@@ -145,6 +145,7 @@ class QuantRun:
     key: dict
     params_file: str
     progress: bool | None = None
+    rule: ExitRule | None = None  # the exit rule the accelerate stage recorded (with an exit)
 
     def batches(self):
         """Calibration batches: training images, normalised, no augmentation."""
@@ -176,7 +177,6 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
         raise SipaError(f"{params_file}: {err}") from None
     lineage = input_lineage(meta, data, f"{where}.model", cfg["model"])
     if meta.get("exit") is not None:
-        ExitRule.from_record(meta["exit"], f"{where}.model: {cfg['model']}")  # the rule the threshold is chosen by
         if len(data.val_y) == 0:
             raise SipaError(f"{where}: the exit threshold is chosen on the validation split, but prepare.val_size is 0")
         refuse_trained_split("val", lineage, f"{where} (the exit threshold is calibrated on val)", cfg["model"])
@@ -184,7 +184,8 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
                            "epochs": cfg["epochs"], "seed": cfg["seed"]}, file=params_file, section="quantize.recipe")
     key = {"input": file_digest(cfg["model"]), "data": data.source, "recipe": recipe,
            "exit_epochs": cfg["exit_epochs"], "calibration_batches": cfg["calibration_batches"]}
-    return QuantRun(cfg, data, main, meta.get("exit"), recipe, lineage, key, params_file, progress)
+    rule = ExitRule.from_record(meta["exit"], f"{where}.model: {cfg['model']}") if meta.get("exit") else None
+    return QuantRun(cfg, data, main, meta.get("exit"), recipe, lineage, key, params_file, progress, rule)
 
 
 def _quantized_copy(module: torch.nn.Module, widths: BitWidths):
@@ -244,10 +245,9 @@ def counted(run: QuantRun, main, net, widths: BitWidths):
 def calibrate_threshold(run: QuantRun, logits: dict, cost: ExitCost) -> tuple[ThresholdPoint | None, float]:
     """The exit threshold chosen on validation by the rule the accelerate stage recorded in the exit
     (its thresholds and target, against this network's own validation accuracy); (choice, target)."""
-    rule = ExitRule.from_record(run.exit_record, run.cfg["model"])
     labels = {"val": run.labels("val")}
-    target = rule.target(accuracy(logits["main"]["val"], labels["val"]))
-    points = sweep({"val": logits["exit"]["val"]}, logits["main"], labels, rule.thresholds, cost)
+    target = run.rule.target(accuracy(logits["main"]["val"], labels["val"]))
+    points = sweep({"val": logits["exit"]["val"]}, logits["main"], labels, run.rule.thresholds, cost)
     return choose(points, target), target
 
 

@@ -311,12 +311,13 @@ class _Counter(TorchDispatchMode):
                                self.widths.mul_bits(module, weighted), tuple(accumulation),
                                self.widths.layer(module)))
 
-    def _kernels(self, per_output: torch.Tensor | None, outputs: int, mean: float, d: float) -> tuple:
+    def _kernels(self, nonzeros, outputs: int, mean: float, d: float) -> tuple:
         """Accumulation groups (output elements, nonzeros of their kernel): per output channel for a
-        sparse weight counted sparse (``per_output``: its nonzeros per channel), else ``mean``
-        (fan_in x density) for every output."""
-        if per_output is None or d >= 1 or self.uniform is not None:
+        sparse weight counted sparse (``nonzeros()``: its nonzeros per channel, counted only then), else
+        ``mean`` (fan_in x density) for every output."""
+        if nonzeros is None or d >= 1 or self.uniform is not None:
             return ((float(outputs), mean),)
+        per_output = nonzeros()
         each = outputs / len(per_output)
         values, counts = torch.unique(per_output, return_counts=True)
         return tuple((each * int(c), float(v)) for v, c in zip(values.tolist(), counts.tolist()))
@@ -379,7 +380,7 @@ class _Counter(TorchDispatchMode):
             fan = w.numel() / c_out
             mults = _numel(out) * fan * d
             adds = _numel(out) * (fan * d - 1 + (1 if bias is not None else 0))
-        per_channel = None if transposed else torch.count_nonzero(w.reshape(c_out, -1), dim=1)
+        per_channel = None if transposed else (lambda: torch.count_nonzero(w.reshape(c_out, -1), dim=1))
         acc = self._kernels(per_channel, _numel(out), mults / max(_numel(out), 1), d)
         self._record("conv", mults, adds, out, d, weighted=True, accumulation=acc)
         self._remember_linear(out, bias is not None)
@@ -397,7 +398,7 @@ class _Counter(TorchDispatchMode):
         adds = n_out * (k * d - 1 + (1 if bias is not None else 0))
         per_output = None
         if weight is not None:  # nonzeros per output feature: columns of the right operand, rows of the left
-            per_output = torch.count_nonzero(weight, dim=-2 if weight is b else -1).reshape(-1)
+            per_output = lambda: torch.count_nonzero(weight, dim=-2 if weight is b else -1).reshape(-1)  # noqa: E731
         acc = self._kernels(per_output, n_out, k * d, d)
         self._record("linear" if weight is not None else "matmul", mults, adds, out, d, weighted=weight is not None,
                      accumulation=acc)
