@@ -17,7 +17,7 @@ from sipa_core.errors import SipaError
 from sipa_core.models import ARCHITECTURES, create_model, create_spec
 from sipa_core.pipeline import check_params, inactive_keys, resolved_trainings
 from sipa_core.plan import format_plan, measure_throughput, plan
-from sipa_core.quantize.qat import float_twin
+from sipa_core.quantize.qat import exit_widths, float_twin
 from sipa_core.scoring import BitWidths, count
 
 
@@ -143,7 +143,7 @@ def _score_with_exit(args, model, record, size, name) -> int:
         raise SipaError(f"sipa score: --exit-ratio must be in [0, 1], got {ratio}")
     widths = bit_widths(args, model)
     cost = exit_cost(net, (3, size, size), bits=widths, main_uniform_sparsity=args.uniform_sparsity,
-                     exit_bits=widths.without_overrides() if quant else None)
+                     exit_bits=exit_widths(quant) if quant else None)
     s = cost.summary(ratio)
     s.update(arch=name, exit_position=net.position, exit_bytes=cost.exit_bytes, exit_ops=cost.exit_ops,
              path_ops=cost.path_ops, full_ops=cost.full_ops)

@@ -83,10 +83,10 @@ def stage_metrics(model: nn.Module, data: PreparedData, *, seed: int, device: st
     counted bit width (fp16 weights under the 16-bit freebie), provenance."""
     fp16 = bits == 16
     metrics = score_metrics(model, data, bits)
-    metrics["accuracy"] = evaluate(model, data, "test", fp16_weights=fp16)
+    metrics["accuracy"] = evaluate(model, data, "test", fp16=fp16)
     metrics["accuracy_fp32"] = evaluate(model, data, "test")
     if len(data.val_y):
-        metrics["val_accuracy"] = evaluate(model, data, "val", fp16_weights=fp16)
+        metrics["val_accuracy"] = evaluate(model, data, "val", fp16=fp16)
     metrics.update(extra)
     metrics.update(provenance(seed=seed, device=device, started=started))
     return metrics

@@ -23,7 +23,7 @@ from sipa_core.accelerate.exits import (EarlyExitNetwork, exit_config, exit_cost
 from sipa_core.models import create_model
 from sipa_core.prune.masks import prunable
 from sipa_core.data.prepare import load_prepared
-from sipa_core.train import default_recipe, fit, half_weights, normalized
+from sipa_core.train import default_recipe, fit, sixteen_bit, normalized
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6
@@ -182,7 +182,7 @@ def test_stage_trains_calibrates_on_validation_and_resumes(tmp_path, monkeypatch
     # confidence (maximum softmax, fp16 weights as bits 16 scores them) is above the threshold.
     data = load_prepared(tmp_path / "a/data.pt")
     with torch.no_grad():
-        conf = F.softmax(half_weights(net)(normalized(data.test_x, data.mean, data.std)).float(), 1).amax(1)
+        conf = F.softmax(sixteen_bit(net)(normalized(data.test_x, data.mean, data.std)).float(), 1).amax(1)
     assert m["exit_ratio"] == pytest.approx(float((conf > m["threshold"]).float().mean()), abs=1e-6)
     assert 0 < m["exit_ratio"] < 1 and m["val_exit_ratio"] > 0  # some images leave, not all
     out = subprocess.run([sys.executable, "-m", "sipa_core.cli", "score", "--checkpoint",

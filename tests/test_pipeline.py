@@ -19,7 +19,7 @@ from sipa_core.accelerate import load_early_exit
 from sipa_core.checkpoint import load_model
 from sipa_core.data.prepare import load_prepared
 from sipa_core.scoring import count
-from sipa_core.train import evaluate, half_weights, normalized
+from sipa_core.train import evaluate, sixteen_bit, normalized
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = yaml.safe_load((ROOT / "sipa_core/paths.yaml").read_text())["paths"]
@@ -166,7 +166,7 @@ def _check_improve_metrics(path):
     counted = count(model, (3, *data.image_size), bits=imp["weight_bits"]).summary()
     assert imp["score"] > 0 and imp["score"] == pytest.approx(counted["score"], rel=1e-9)
     fp16 = imp["weight_bits"] == 16
-    assert imp["accuracy"] == pytest.approx(evaluate(model, data, "test", fp16_weights=fp16), abs=1e-9)
+    assert imp["accuracy"] == pytest.approx(evaluate(model, data, "test", fp16=fp16), abs=1e-9)
     assert imp["accuracy_fp32"] == pytest.approx(evaluate(model, data, "test"), abs=1e-9)
 
 
@@ -185,7 +185,7 @@ def _check_accelerate_metrics(path) -> dict:
     assert 0 <= acc["threshold"] <= 1 and acc["val_exit_ratio"] > 0
     data = load_prepared(path / PATHS["prepare"]["out"])
     x, _ = data.split("test")
-    scored = half_weights(net) if acc["weight_bits"] == 16 else net
+    scored = sixteen_bit(net) if acc["weight_bits"] == 16 else net
     with torch.no_grad():
         confidence = F.softmax(scored.eval()(normalized(x, data.mean, data.std)).float(), 1).amax(1)
     ratio = float((confidence > acc["threshold"]).float().mean())

@@ -16,10 +16,13 @@ from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.accelerate import accelerate, read_config as accelerate_config
 from sipa_core.checkpoint import load_model, save_model
 from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks, prunable
+from sipa_core.data.prepare import load_prepared
 from sipa_core.quantize.qat import calibrate, float_twin, fold_batchnorm, quantize_modules
+from sipa_core.quantize.quantizers import Quantizers, input_kind, is_quantizer_parameter
 from sipa_core.quantize.stage import quantize, read_config
-from sipa_core.scoring import BitWidths
-from sipa_core.train import default_recipe, fit
+from sipa_core.scoring import BitWidths, count
+from sipa_core.train import default_recipe, evaluate, fit
+from sipa_core.train.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = dict(n_train=96, n_val=48, n_test=48)
@@ -186,3 +189,53 @@ def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated
     assert max(diffs.values()) < 0.01, max(diffs.items(), key=lambda kv: kv[1])
     assert sum(int((v == 0).sum()) for v in outs["killed"]["model"].values()) == \
         sum(int((v == 0).sum()) for v in outs["whole"]["model"].values())  # the same masks
+
+
+@pytest.mark.slow  # QAT runs
+def test_fitted_quantizers_learned_scales_and_a_width_schedule(tmp_path, accelerated):
+    """Swish outputs get a shifted quantizer, learned weight scales are trained at their own rate,
+    the schedule trains W8A8 then W6A6 before W4A4, and the checkpoint rebuilds the same network."""
+    root, acc = accelerated
+    params = _params(tmp_path, root, acc, weight_bits=4, act_bits=4, compare_widths=[], act_quantizers="fitted",
+                     weight_scale="learned", scale_lr=0.002, schedule=[8, 6, 4], schedule_epochs=1)
+    m = quantize(read_config(params), params_file=str(params), progress=False)
+    states = sorted(p.name for p in next((tmp_path / "state").glob("W4A4*")).iterdir())
+    assert states == ["exit.pt", "main-W6A6.pt", "main-W8A8.pt", "main.pt"]  # 4 is the final width: no step
+    main, meta = load_model(tmp_path / "models/q.pt")
+    inputs = meta["quant"]["quantizers"]["inputs"]
+    # The stem sees the normalised image (signed); a depthwise conv and the projection see swish outputs.
+    assert "stem.0" not in inputs and inputs["blocks.1.depthwise.0"] == "shifted"
+    assert inputs["blocks.1.project.0"] == "shifted" and meta["quant"]["quantizers"]["weight_scale"] == "learned"
+    assert meta["quant"]["widths"]["unsigned"] == sorted(inputs)
+    layer = main.get_submodule("blocks.1.depthwise.0")
+    assert not layer.input_quant.is_signed and layer.input_quant.zero_point().item() > 0
+    assert "weight_quant.tensor_quant.scaling_impl.value" in dict(layer.named_parameters())
+    # The rebuilt checkpoint reproduces the stage's main-network test accuracy (16-bit evaluation).
+    data = load_prepared(root / "data.pt")
+    assert evaluate(main, data, "test", fp16=True) == pytest.approx(m["main_accuracy"], abs=1e-9)
+    # The adder tree counts the unsigned inputs' operands one bit wider than signed ones would be.
+    signed = count(float_twin(main), (3, 16, 16), bits=BitWidths.from_dict(
+        {**meta["quant"]["widths"], "unsigned": []})).summary()["ops_tree"]
+    assert m["ops_tree"] > 0 and count(float_twin(main), (3, 16, 16), bits=BitWidths.from_dict(
+        meta["quant"]["widths"])).summary()["ops_tree"] > signed
+
+
+def test_quantizer_parameters_get_their_own_rate_without_decay():
+    model, _ = _trained_pruned_tiny()
+    fold_batchnorm(model)
+    quantize_modules(model, BitWidths(4, 4), Quantizers({"blocks.1.project.0": "shifted"}, "learned"))
+    groups = {g["name"]: g for g in param_groups(model, model.parameters(), 1e-4, True, False,
+                                                 (is_quantizer_parameter, 0.003))}
+    own = {id(p) for p in groups["own_lr"]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in own}
+    assert groups["own_lr"]["lr"] == 0.003 and groups["own_lr"]["weight_decay"] == 0.0
+    assert "blocks.1.project.0.input_quant.fused_activation_quant_proxy.tensor_quant.zero_point_impl.value" in names
+    assert "stem.0.weight_quant.tensor_quant.scaling_impl.value" in names
+    assert not any(n.endswith((".weight", ".bias")) for n in names)
+    assert len(own) == sum(1 for n, _ in model.named_parameters() if is_quantizer_parameter(n))
+
+
+@pytest.mark.parametrize("low, high, kind", [(0.0, 3.0, "unsigned"), (-0.28, 6.0, "shifted"),
+                                             (-2.0, 2.5, "signed"), (-0.28, 0.4, "signed"), (-5.0, 0.0, "signed")])
+def test_each_input_range_gets_the_quantizer_that_fits_it(low, high, kind):
+    assert input_kind(low, high) == kind

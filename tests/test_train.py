@@ -14,7 +14,7 @@ from torch import nn
 from helpers import tiny_data, tiny_model
 from sipa_core.errors import SipaError
 from sipa_core.train import (GhostBatchNorm2d, apply_ghost_bn, check_recipe, configure_model, default_recipe,
-                             evaluate, fit, half_weights)
+                             evaluate, fit, sixteen_bit)
 from sipa_core.train.augment import PolicyAugment, cutmix, mixup, random_crop, random_flip, soft_targets
 from sipa_core.train.optim import lr_factor, param_groups
 
@@ -149,16 +149,17 @@ def test_fp16_evaluation_uses_16_bit_weights():
     model = tiny_model()
     with torch.no_grad():
         model.classifier.weight.add_(1e-4 * torch.randn_like(model.classifier.weight))
-    h = half_weights(model)
+    h = sixteen_bit(model)
     assert torch.equal(h.classifier.weight, model.classifier.weight.half().float())
     assert not torch.equal(h.classifier.weight, model.classifier.weight)
     data = tiny_data()
-    assert evaluate(model, data, "test", fp16_weights=True) == evaluate(h, data, "test")
+    assert evaluate(model, data, "test", fp16=True) == evaluate(h, data, "test")
 
 
 class _RoundingProbe(nn.Module):
-    """Logits (w, c) whatever the image: ``w`` a weight of 1 + 4e-4, ``c`` a constant 1 + 2e-4 that
-    is not a parameter or buffer. In fp32, w > c (class 0); fp16 has a step of 2**-10 just above 1,
+    """Logits 1000 (w - 1, c - 1) whatever the image: ``w`` a weight of 1 + 4e-4, ``c`` a constant
+    1 + 2e-4 that is not a parameter or buffer (the difference taken inside one forward, so rounding
+    the output keeps it). In fp32, w > c (class 0); fp16 has a step of 2**-10 just above 1,
     so w rounds to 1 < c (class 1). ``seen`` gets the weight each forward used (a copy of the
     network, as the fp16 evaluation makes, still reports to the same list)."""
 
@@ -170,7 +171,28 @@ class _RoundingProbe(nn.Module):
 
     def forward(self, x):
         self.report(self.w)
-        return torch.stack([self.w, self.c]).expand(x.shape[0], 2)
+        return (1000 * (torch.stack([self.w, self.c]) - 1)).expand(x.shape[0], 2)
+
+
+class _Shift(nn.Module):
+    def __init__(self, by: float):
+        super().__init__()
+        self.by = by
+
+    def forward(self, x):
+        return x + self.by
+
+
+def test_sixteen_bit_rounds_the_input_and_every_module_output():
+    # 1 + 1e-4 is not an fp16 number (its step above 1 is 2**-10): run at 16 bits, the sum after
+    # the first module rounds to 1 and the second gives 0; in fp32 the 1e-4 comes through.
+    net = nn.Sequential(_Shift(1.0), _Shift(-1.0))
+    x = torch.full((2, 3), 1e-4)
+    assert torch.allclose(net(x), x, atol=1e-7)
+    assert torch.equal(sixteen_bit(net)(x), torch.zeros_like(x))
+    # The input itself is rounded: 1 + 1e-4 enters as 1.
+    assert torch.equal(sixteen_bit(nn.Identity())(torch.full((1,), 1 + 1e-4)), torch.ones(1))
+    assert torch.allclose(net(x), x, atol=1e-7)  # the network itself is untouched
 
 
 def test_fp16_evaluation_evaluates_the_fp16_rounded_weights():
@@ -179,7 +201,7 @@ def test_fp16_evaluation_evaluates_the_fp16_rounded_weights():
     seen = []
     probe = _RoundingProbe(seen)
     assert evaluate(probe, data, "test") == 1.0 and seen[-1] == probe.w
-    assert evaluate(probe, data, "test", fp16_weights=True) == 0.0
+    assert evaluate(probe, data, "test", fp16=True) == 0.0
     assert probe.w.item() == pytest.approx(1 + 4e-4) and probe.w.dtype == torch.float32  # the model is untouched
     # The weights the evaluation used were the model's, rounded to fp16 (and held as float32).
     assert seen[-1].dtype == torch.float32 and seen[-1].item() == 1.0

@@ -32,7 +32,7 @@ from sipa_core.resume import file_digest, keep, load_kept, run_key
 from sipa_core.runtime import provenance
 from sipa_core.stage_common import load_data, load_input_model, score_metrics
 from sipa_core.stage_runner import Stage
-from sipa_core.train import fit, half_weights, normalized, predict
+from sipa_core.train import fit, sixteen_bit, normalized, predict
 from sipa_core.train.evaluation import accuracy
 from sipa_core.train.recipe import check_recipe, refuse_distillation, speed_settings
 
@@ -170,7 +170,7 @@ class ExitRun:
     def logits_of(self, model, split: str) -> torch.Tensor:
         x, _ = self.data.split(split)
         return predict(model, x, self.data.mean, self.data.std, batch_size=self.recipe["eval_batch_size"],
-                       fp16_weights=self.fp16)
+                       fp16=self.fp16)
 
     def load_main_logits(self) -> None:
         """The main network's validation and test logits, computed once and kept."""
@@ -184,7 +184,7 @@ class ExitRun:
         """With BN updates the main network changed too: its logits come from this exit's run."""
         if not self.cfg["update_main_bn"]:
             return self.main_logits
-        scored = half_weights(net.main) if self.fp16 else net.main
+        scored = sixteen_bit(net.main) if self.fp16 else net.main
         return {s: self.logits_of(scored, s) for s in ("val", "test")}
 
     def train_mode(self, model) -> None:
@@ -245,7 +245,7 @@ class ExitRun:
 
     def _keep_exit(self, net, ecfg: dict, run_dir: Path, started: float) -> dict:
         net.cpu().eval()
-        scored = half_weights(net) if self.fp16 else net
+        scored = sixteen_bit(net) if self.fp16 else net
         out = {"exit": net.exit.state_dict(), "exit_cfg": ecfg,
                "main": net.main.state_dict() if self.cfg["update_main_bn"] else None}
         for split in ("val", "test"):
@@ -390,7 +390,7 @@ def _exit_metrics(run: ExitRun, chosen: ThresholdPoint, path_accuracy: float, ma
     y_test = run.labels("test")
     tpred, texit = simulate(trained.saved["test"], trained.main_logits["test"], chosen.threshold)
     # Real adaptive inference on the test split must give the simulated predictions.
-    adaptive_pred = adaptive_predictions(half_weights(trained.net) if run.fp16 else trained.net,
+    adaptive_pred = adaptive_predictions(sixteen_bit(trained.net) if run.fp16 else trained.net,
                                          run.data.split("test")[0], run.data, chosen.threshold,
                                          run.recipe["eval_batch_size"])
     test_ratio = float(texit.float().mean())

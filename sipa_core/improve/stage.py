@@ -174,7 +174,7 @@ def _train_final(cfg: dict, runner: TrialRunner, adopted: list[str], data):
     if cfg["compare_base"]:
         result, base_model = runner.train(base, epochs=cfg["final_epochs"], seed=base["seed"], kind="base-final",
                                           train_splits=splits, val_split=val_split, need_model=True)
-        extra["base_accuracy"] = evaluate(base_model, data, "test", fp16_weights=cfg["bits"] == 16)
+        extra["base_accuracy"] = evaluate(base_model, data, "test", fp16=cfg["bits"] == 16)
         curves["base"] = result["history"]
     return final_recipe, model, extra, splits, curves
 
@@ -214,7 +214,7 @@ def _against_input(cfg: dict, data, metrics: dict) -> dict:
         return {}
     try:
         searched, _ = load_model(path)
-        searched_val = evaluate(searched, data, "val", fp16_weights=cfg["bits"] == 16)
+        searched_val = evaluate(searched, data, "val", fp16=cfg["bits"] == 16)
     except Exception:  # noqa: BLE001 - another architecture or data: no comparison to make
         return {}
     worse = metrics["val_accuracy"] < searched_val

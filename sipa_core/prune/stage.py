@@ -143,8 +143,8 @@ class PruneRun:
     def row(self, model, k: int, target: float, *, filters: bool = False, epochs: int = 0) -> dict:
         """One line of the rounds table (the input model is round 0): evaluate, count. Sparsity is
         the masks' (``filters``: the fraction of the input's parameters removed)."""
-        acc_select = evaluate(model, self.data, self.split, fp16_weights=self.fp16)
-        acc_test = evaluate(model, self.data, "test", fp16_weights=self.fp16)
+        acc_select = evaluate(model, self.data, self.split, fp16=self.fp16)
+        acc_test = evaluate(model, self.data, "test", fp16=self.fp16)
         s = score_metrics(model, self.data, self.cfg["bits"])
         sparsity_value = 1 - s["params"] / self.ref_params if filters else sparsity(model)
         return {"round": k, "target": target, "sparsity": sparsity_value, "select_accuracy": acc_select,

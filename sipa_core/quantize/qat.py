@@ -31,6 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import SameConv2d
+from sipa_core.quantize.quantizers import Quantizers, brevitas_quantizers
 from sipa_core.scoring.bits import BitWidths
 
 FLOAT_BITS = 16  # a layer at this width or wider is left in floating point
@@ -74,20 +75,10 @@ def _quant_classes():
     return qnn, QuantSameConv2d
 
 
-def _quantizers(w_bits: int, a_bits: int) -> dict:
-    from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerChannelFloat  # noqa: PLC0415 (brevitas is heavy)
-
-    kw = dict(weight_quant=Int8WeightPerChannelFloat, weight_bit_width=w_bits) if w_bits < FLOAT_BITS \
-        else dict(weight_quant=None)
-    if a_bits < FLOAT_BITS:
-        kw.update(input_quant=Int8ActPerTensorFloat, input_bit_width=a_bits)
-    return kw
-
-
-def _quant_twin(module: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+def _quant_twin(module: nn.Module, w_bits: int, a_bits: int, kind: str, weight_scale: str) -> nn.Module:
     """A Brevitas module computing what ``module`` computes, holding the same tensors."""
     qnn, QuantSameConv2d = _quant_classes()
-    q = _quantizers(w_bits, a_bits)
+    q = brevitas_quantizers(w_bits, a_bits, kind, weight_scale, FLOAT_BITS)
     if isinstance(module, nn.Conv2d):
         cls = QuantSameConv2d if isinstance(module, SameConv2d) else qnn.QuantConv2d
         twin = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -114,16 +105,18 @@ def check_widths(widths: BitWidths, names) -> None:
         raise SipaError(f"quantize.layers: {unmatched[0]!r} names no layer of the network")
 
 
-def quantize_modules(model: nn.Module, widths: BitWidths, prefix: str = "") -> int:
+def quantize_modules(model: nn.Module, widths: BitWidths, quantizers: Quantizers | None = None) -> int:
     """Replace every Conv2d and Linear of ``model`` by its Brevitas twin at the layer's
-    widths (``widths.layer(prefix + name)``). Run ``fold_batchnorm`` first."""
+    widths (``widths.layer(name)``) with its quantizers (default: every input signed,
+    weight scales from statistics). Run ``fold_batchnorm`` first."""
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise SipaError("quantize: fold BatchNorm before quantizing (fold_batchnorm)")
+    quantizers = quantizers or Quantizers()
     targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, SameConv2d, nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quant_twin(module, *widths.layer(prefix + name)))
+        setattr(parent, child, _quant_twin(module, *widths.layer(name), quantizers.kind(name), quantizers.weight_scale))
     return len(targets)
 
 
@@ -175,14 +168,23 @@ def float_twin(model: nn.Module) -> nn.Module:
     return twin.eval()
 
 
+def exit_widths(quant: dict) -> BitWidths:
+    """The widths an exit module of a quantized checkpoint was trained and is counted at (its own
+    record; older checkpoints: the default widths without per-layer overrides)."""
+    if quant.get("exit_widths"):
+        return BitWidths.from_dict(quant["exit_widths"])
+    return BitWidths.from_dict(quant["widths"]).without_overrides()
+
+
 def quantized_structure(model: nn.Module, quant: dict, exit_module: bool = False) -> nn.Module:
     """Turn a freshly built float network into the structure of a quantized checkpoint
-    (``quant``: its record): BatchNorm folded, layers quantized at the recorded widths
-    (an exit module at the default widths). The weights are loaded after this."""
+    (``quant``: its record): BatchNorm folded, layers quantized at the recorded widths and
+    quantizers (an exit module at its own). The weights are loaded after this."""
     try:
-        widths = BitWidths.from_dict(quant["widths"])
+        widths = exit_widths(quant) if exit_module else BitWidths.from_dict(quant["widths"])
+        quantizers = Quantizers.from_record(quant.get("exit_quantizers" if exit_module else "quantizers"))
     except (KeyError, TypeError, ValueError) as err:
         raise SipaError(f"malformed quantization record ({err})") from None
     fold_batchnorm(model)
-    quantize_modules(model, widths.without_overrides() if exit_module else widths)
+    quantize_modules(model, widths, quantizers)
     return model

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,14 @@ from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.prune.masks import apply_masks, masks_from_zeros, sparsity
 from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions
 from sipa_core.quantize.qat import calibrate, check_widths, float_twin, fold_batchnorm, quantize_modules
+from sipa_core.quantize.quantizers import (
+    ACT_QUANTIZERS,
+    WEIGHT_SCALES,
+    Quantizers,
+    fitted_quantizers,
+    init_weight_scales,
+    is_quantizer_parameter,
+)
 from sipa_core.resume import file_digest, run_key
 from sipa_core.runtime import provenance
 from sipa_core.scoring import count
@@ -77,6 +85,15 @@ def _add_accounting(value) -> str | None:
     return None
 
 
+def _schedule(value) -> str | None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 16 for v in value):
+        return f"give widths from 2 to 16, e.g. [8, 6], got {value}"
+    for a, b in zip(value, value[1:]):
+        if b >= a:
+            return f"a width schedule falls step by step ({a} then {b} rises or stays)"
+    return None
+
+
 def _labels(value) -> str | None:
     for label in value:
         if parse_label(label) is None:
@@ -102,6 +119,19 @@ QUANTIZE_SCHEMA = {
     "exit_epochs": Field(int, 1, min=0, help="QAT epochs of the exit on the frozen quantized network"),
     "recipe": Field(dict, {}, help="overrides of the QAT recipe (QAT_RECIPE)"),
     "calibration_batches": Field(int, 4, min=1, help="training batches that set the activation scales"),
+    "act_quantizers": Field(str, "fitted", choices=ACT_QUANTIZERS,
+                            help="fitted: each layer's input quantizer from its range (unsigned, shifted with a "
+                                 "zero point, or signed); signed: every input signed"),
+    "weight_scale": Field(str, "stats", choices=WEIGHT_SCALES,
+                          help="stats: per-channel scale from max |w| at every step; learned: trained, "
+                               "MSE-initialised (LSQ)"),
+    "scale_lr": Field(float, None, nullable=True, min=0, min_exclusive=True,
+                      help="learning rate of the quantizers' scales and zero points, without weight decay "
+                           "(null: the recipe's lr and weight decay)"),
+    "schedule": Field(list, [], check=_schedule,
+                      help="widths trained before the final ones, falling, e.g. [8, 6] (each caps weights and "
+                           "activations from below; steps not above the final widths are skipped)"),
+    "schedule_epochs": Field(int, 1, min=1, help="QAT epochs of each schedule step"),
     "compare_widths": Field(list, ["W4A8", "W4A4"], check=_labels,
                             help="other widths trained for the plot, e.g. [W4A8, W4A4]"),
     "seed": Field(int, 0, min=0),
@@ -146,6 +176,8 @@ class QuantRun:
     params_file: str
     progress: bool | None = None
     rule: ExitRule | None = None  # the exit rule the accelerate stage recorded (with an exit)
+    quantizers: Quantizers | None = None  # the main network's input quantizers (fitted once, from the float input)
+    exit_quantizers: Quantizers | None = None
 
     def batches(self):
         """Calibration batches: training images, normalised, no augmentation."""
@@ -154,9 +186,10 @@ class QuantRun:
         return [normalized(x[i * bs:(i + 1) * bs], self.data.mean, self.data.std)
                 for i in range(min(self.cfg["calibration_batches"], max(1, len(x) // bs)))]
 
-    def logits(self, model, split: str) -> torch.Tensor:
+    def logits(self, model, split: str, fp16: bool = True) -> torch.Tensor:
+        """Logits of a split, the network run at 16 bits where it is not quantized (as counted)."""
         x, _ = self.data.split(split)
-        return predict(model, x, self.data.mean, self.data.std, batch_size=self.recipe["eval_batch_size"])
+        return predict(model, x, self.data.mean, self.data.std, batch_size=self.recipe["eval_batch_size"], fp16=fp16)
 
     def labels(self, split: str) -> torch.Tensor:
         return self.data.split(split)[1]
@@ -183,40 +216,86 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
     recipe = check_recipe({**QAT_RECIPE, **speed_settings(meta.get("recipe")), **cfg["recipe"],
                            "epochs": cfg["epochs"], "seed": cfg["seed"]}, file=params_file, section="quantize.recipe")
     key = {"input": file_digest(cfg["model"]), "data": data.source, "recipe": recipe,
-           "exit_epochs": cfg["exit_epochs"], "calibration_batches": cfg["calibration_batches"]}
+           **{k: cfg[k] for k in ("exit_epochs", "calibration_batches", "act_quantizers", "weight_scale",
+                                  "scale_lr", "schedule", "schedule_epochs")}}
     rule = ExitRule.from_record(meta["exit"], f"{where}.model: {cfg['model']}") if meta.get("exit") else None
-    return QuantRun(cfg, data, main, meta.get("exit"), recipe, lineage, key, params_file, progress, rule)
+    run = QuantRun(cfg, data, main, meta.get("exit"), recipe, lineage, key, params_file, progress, rule)
+    _fit_quantizers(run)
+    return run
 
 
-def _quantized_copy(module: torch.nn.Module, widths: BitWidths):
+def _fit_quantizers(run: QuantRun) -> None:
+    """Each layer's input quantizer, from the float input network's ranges on the calibration batches."""
+    act, scale = run.cfg["act_quantizers"], run.cfg["weight_scale"]
+    run.quantizers = fitted_quantizers(run.main, run.batches(), act, scale)
+    if run.exit_record is not None:
+        float_net = from_record(run.main, run.exit_record, run.cfg["model"])
+        run.exit_quantizers = fitted_quantizers(float_net, run.batches(), act, scale, part=float_net.exit)
+
+
+def _quantized_copy(module: torch.nn.Module, widths: BitWidths, quantizers: Quantizers):
     """Fold BatchNorm into a copy of ``module``, quantize it; (copy, its masks: the zeros kept)."""
     q = copy.deepcopy(module).cpu().eval()
     fold_batchnorm(q)
     masks = masks_from_zeros(q)
-    quantize_modules(q, widths)
+    quantize_modules(q, widths, quantizers)
     return q, masks
 
 
+def schedule_steps(cfg: dict, widths: BitWidths) -> list[BitWidths]:
+    """The widths QAT steps through: each schedule width that is above the final widths (as a floor
+    under weights and activations; per-layer overrides kept), then the final widths."""
+    steps = []
+    for bits in cfg["schedule"]:
+        step = replace(widths, weight=max(bits, widths.weight), act=max(bits, widths.act))
+        if step != widths and (not steps or step != steps[-1]):
+            steps.append(step)
+    return steps + [widths]
+
+
+def _float_weights(model: torch.nn.Module) -> dict:
+    """A quantized network's float weights and biases (not its quantizers' scales)."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".weight", ".bias"))}
+
+
 def _train_main(run: QuantRun, widths: BitWidths, run_dir: Path) -> torch.nn.Module:
-    """The quantized main network: calibrated activation scales, then QAT with the masks kept."""
-    main, masks = _quantized_copy(run.main, widths)
-    calibrate(main, run.batches())
-    if run.cfg["epochs"] > 0:
-        fit(main, run.data, run.recipe, state_path=run_dir / "main.pt", tag=f"quantize-main-{widths.label()}",
-            desc=f"QAT {widths.label()}", train_splits=tuple(run.lineage["splits"]), val_split="val"
-            if len(run.data.val_y) else None, after_step=lambda m: apply_masks(m, masks), progress=run.progress,
-            teacher=copy.deepcopy(run.main) if run.recipe["distill_weight"] else None)
+    """The quantized main network: for each step of the width schedule, the previous step's weights
+    quantized at the step's widths, activation scales calibrated, then QAT with the masks kept."""
+    steps, weights = schedule_steps(run.cfg, widths), None
+    own_lr = (is_quantizer_parameter, run.cfg["scale_lr"]) if run.cfg["scale_lr"] is not None else None
+    for i, step in enumerate(steps):
+        main, masks = _quantized_copy(run.main, step, run.quantizers)
+        if weights is not None:
+            main.load_state_dict(weights, strict=False)
+        calibrate(main, run.batches())
+        init_weight_scales(main)
+        epochs = run.cfg["epochs"] if i == len(steps) - 1 else run.cfg["schedule_epochs"]
+        label = f"W{step.weight}A{step.act}"
+        if epochs > 0:
+            fit(main, run.data, {**run.recipe, "epochs": epochs},
+                state_path=run_dir / ("main.pt" if i == len(steps) - 1 else f"main-{label}.pt"),
+                tag=f"quantize-main-{label}", desc=f"QAT {label}", train_splits=tuple(run.lineage["splits"]),
+                val_split="val" if len(run.data.val_y) else None, after_step=lambda m, k=masks: apply_masks(m, k),
+                progress=run.progress, own_lr=own_lr,
+                teacher=copy.deepcopy(run.main) if run.recipe["distill_weight"] else None)
+        weights = _float_weights(main)
     return main.cpu().eval()
+
+
+def exit_widths_of(run: QuantRun, widths: BitWidths) -> BitWidths:
+    """The exit's widths: the defaults without per-layer overrides, its own unsigned inputs."""
+    return replace(widths.without_overrides(), unsigned=run.exit_quantizers.unsigned())
 
 
 def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir: Path):
     """The quantized exit on the frozen quantized main network (its own loss, one-hot targets)."""
     float_net = from_record(run.main, run.exit_record, run.cfg["model"])  # wraps run.main, changes nothing
-    qexit, masks = _quantized_copy(float_net.exit, widths.without_overrides())
+    qexit, masks = _quantized_copy(float_net.exit, exit_widths_of(run, widths), run.exit_quantizers)
     net = EarlyExitNetwork(main, float_net.exit_cfg, qexit)
     for p in main.parameters():
         p.requires_grad_(False)
     calibrate(net, run.batches(), part=net.exit)
+    init_weight_scales(net.exit)
     if run.cfg["exit_epochs"] > 0:
         def train_mode(model):
             model.eval()
@@ -227,6 +306,7 @@ def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir
             params=list(net.exit.parameters()), loss_fn=LOSS_FUNCTIONS[run.exit_record.get("loss", "softsmoothing")],
             train_mode=train_mode, train_splits=tuple(run.lineage["splits"]), val_split="val",
             after_step=lambda m: apply_masks(m.exit, masks), progress=run.progress,
+            own_lr=(is_quantizer_parameter, run.cfg["scale_lr"]) if run.cfg["scale_lr"] is not None else None,
             teacher=copy.deepcopy(float_net) if run.recipe["distill_weight"] else None)
     return net.cpu().eval()
 
@@ -239,7 +319,7 @@ def counted(run: QuantRun, main, net, widths: BitWidths):
         return count(plain, (3, h, h), bits=widths).summary(), None
     twin = EarlyExitNetwork(plain, net.exit_cfg, float_twin(net.exit))
     return count(plain, (3, h, h), bits=widths).summary(), exit_cost(twin, (3, h, h), bits=widths,
-                                                                     exit_bits=widths.without_overrides())
+                                                                     exit_bits=exit_widths_of(run, widths))
 
 
 def calibrate_threshold(run: QuantRun, logits: dict, cost: ExitCost) -> tuple[ThresholdPoint | None, float]:
@@ -272,6 +352,7 @@ class QuantResult:
 
 def quantize_network(run: QuantRun, widths: BitWidths) -> QuantResult:
     """Quantize, train and calibrate at ``widths``; the networks and their test figures."""
+    widths = replace(widths, unsigned=run.quantizers.unsigned())  # counted as the quantizers run
     key = run_key({**run.key, "widths": widths.as_dict()})
     run_dir = Path(run.cfg["state"]) / f"{widths.label().replace(' ', '')}-{key}"
     main = _train_main(run, widths, run_dir)
@@ -342,9 +423,11 @@ def _drop_stale_onnx(folder: Path, files: dict) -> None:
 
 def _save(run: QuantRun, result: QuantResult) -> None:
     widths, net = result.widths, result.net
-    quant = {"widths": widths.as_dict(), "label": widths.label(), "batchnorm_folded": True}
+    quant = {"widths": widths.as_dict(), "label": widths.label(), "batchnorm_folded": True,
+             "quantizers": run.quantizers.as_record()}
     exit_record = None
     if net is not None:
+        quant.update(exit_widths=exit_widths_of(run, widths).as_dict(), exit_quantizers=run.exit_quantizers.as_record())
         exit_record = {**net.exit_cfg, "state": net.exit.state_dict(), "threshold": result.threshold,
                        "exit_ratio": result.exit_ratio, "loss": run.exit_record.get("loss", "softsmoothing"),
                        "rule": run.exit_record["rule"]}
@@ -356,6 +439,7 @@ def _metrics(run: QuantRun, chosen: QuantResult, baseline: float) -> dict:
     """The stage's metrics: the chosen width's network against its floating-point input."""
     return {**chosen.summary, "accuracy": chosen.accuracy, "val_accuracy": chosen.val_accuracy,
             "main_accuracy": chosen.main_accuracy, "input_accuracy": baseline,
+            "main_accuracy_fp32": accuracy(run.logits(chosen.main, "test", fp16=False), run.labels("test")),
             "accuracy_change": chosen.accuracy - baseline, "threshold": chosen.threshold,
             "exit_ratio": chosen.exit_ratio, "val_exit_ratio": chosen.val_exit_ratio,
             "val_target": chosen.val_target, "exit_kept": chosen.net is not None,

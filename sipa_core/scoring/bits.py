@@ -15,8 +15,9 @@ every addition, or ``"int"`` / ``"tree"``, the accountings the 2019 entries
 used: a conv or linear layer's accumulation over the n nonzero weights of an
 output's kernel as n - 1 additions at the width of a fixed-length integer
 that cannot overflow (``int``) or level by level in a binary adder tree
-(``tree``), from operands of weight + activation bits (less one: the
-activations are signed); the other additions at 16 bits (FP16).
+(``tree``), from operands of weight + activation bits (less one where the
+layer's integer input is signed; ``unsigned`` names the layers whose input
+is not); the other additions at 16 bits (FP16).
 
 Layers are named by module-name patterns (``fnmatch``; a pattern also
 covers every module under it: ``stem`` matches ``stem.0``), first match wins.
@@ -63,6 +64,7 @@ class BitWidths:
     add: int | str = 32  # a width for every addition, or "int" / "tree" (ADD_ACCOUNTINGS)
     overrides: tuple[tuple[str, int, int], ...] = ()
     elementwise: int | None = None  # elementwise products' width when not the activation width
+    unsigned: tuple[str, ...] = ()  # layers whose integer input is unsigned (adder tree operands one bit wider)
 
     def __post_init__(self):
         _check_width(self.weight, "weight bits")
@@ -89,6 +91,10 @@ class BitWidths:
             if module_matches(pattern, module):
                 return w, a
         return self.weight, self.act
+
+    def signed_input(self, module: str) -> bool:
+        """Whether the layer ``module`` belongs to multiplies signed activations."""
+        return not any(module_matches(p, module) for p in self.unsigned)
 
     def param_bits(self, module: str) -> int:
         return self.layer(module)[0]
@@ -117,14 +123,16 @@ class BitWidths:
 
     def as_dict(self) -> dict:
         return {"weight": self.weight, "act": self.act, "add": self.add,
-                "overrides": [[p, w, a] for p, w, a in self.overrides], "elementwise": self.elementwise}
+                "overrides": [[p, w, a] for p, w, a in self.overrides], "elementwise": self.elementwise,
+                "unsigned": list(self.unsigned)}
 
     @classmethod
     def from_dict(cls, d: dict) -> BitWidths:
         return cls(int(d["weight"]), int(d["act"]), parse_add(d.get("add", 32)),
                    tuple((str(p), int(w), int(a)) for p, w, a in d.get("overrides", [])),
-                   None if d.get("elementwise") is None else int(d["elementwise"]))
+                   None if d.get("elementwise") is None else int(d["elementwise"]),
+                   tuple(str(n) for n in d.get("unsigned", ())))
 
     def without_overrides(self) -> BitWidths:
         """The default widths only (for a module counted on its own, such as an exit)."""
-        return BitWidths(self.weight, self.act, self.add, (), self.elementwise)
+        return BitWidths(self.weight, self.act, self.add, (), self.elementwise, self.unsigned)

@@ -32,7 +32,8 @@ Rules, per example:
   section 9), counted beside the strict one in ``summary()``'s ``*_tree``
   keys: a quantized conv or linear layer's accumulation, per output element
   over the n nonzero weights of its kernel, in a binary adder tree from
-  operands of w + a - 1 bits (signed activations), the width growing by one
+  operands of w + a - 1 bits (w + a where the layer's input is unsigned:
+  ``BitWidths.unsigned``), the width growing by one
   bit per level (``int``: n - 1 additions at the final width); one
   multiplication per output element for its per-channel scale; a
   floating-point layer (16 bits or wider) accumulates at its width; every
@@ -97,6 +98,7 @@ class OpCost:
     # kernel), and the layer's (weight bits, activation bits); empty for every other operation.
     accumulation: tuple[tuple[float, float], ...] = ()
     layer_bits: tuple[int, int] = (32, 32)
+    signed_input: bool = True  # the layer multiplies signed activations (adder-tree operands one bit narrower)
 
 
 @dataclass
@@ -161,7 +163,8 @@ def _op_bits(o: OpCost, add: str) -> float:
     if max(w, a) >= FLOAT_BITS:  # a floating-point layer accumulates at its own width
         return mult + acc_adds * min(max(w, a), 32) + rest * FP16
     outputs = sum(k for k, _ in o.accumulation)
-    acc = sum(k * accumulation_bits(n, w + a - 1, add) for k, n in o.accumulation)
+    b0 = w + a - (1 if o.signed_input else 0)
+    acc = sum(k * accumulation_bits(n, b0, add) for k, n in o.accumulation)
     return mult + acc + outputs * FP16 + rest * FP16  # + each output's per-channel scale
 
 
@@ -309,7 +312,7 @@ class _Counter(TorchDispatchMode):
         module = self.stack[-1] if self.stack else ""
         self.ops.append(OpCost(module, op, float(mults), float(adds), shape, density,
                                self.widths.mul_bits(module, weighted), tuple(accumulation),
-                               self.widths.layer(module)))
+                               self.widths.layer(module), self.widths.signed_input(module)))
 
     def _kernels(self, nonzeros, outputs: int, mean: float, d: float) -> tuple:
         """Accumulation groups (output elements, nonzeros of their kernel): per output channel for a

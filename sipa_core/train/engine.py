@@ -136,7 +136,7 @@ def _teacher_on(teacher: nn.Module | None, recipe: dict, device) -> nn.Module | 
 
 def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_splits=("train",), params=None,
               loss_fn: Callable | None = None, after_step=None, tag: str = "",
-              teacher: nn.Module | None = None) -> TrainingRun:
+              teacher: nn.Module | None = None, own_lr=None) -> TrainingRun:
     """Device, determinism, data on the device, optimizer and wrappers, in that order."""
     device = resolve_device(recipe["device"])
     set_determinism(recipe["seed"], recipe["deterministic"])
@@ -152,7 +152,7 @@ def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_split
         raise SipaError(f"recipe.batch_size: {bs} is not divisible by the {world} data-parallel processes")
     steps_per_epoch = max(1, len(y_train) // bs)  # drop the last partial batch (BatchNorm needs >1 image)
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    opt, sched, scaler = build_optimizer(model, params, recipe, steps_per_epoch, device.type)
+    opt, sched, scaler = build_optimizer(model, params, recipe, steps_per_epoch, device.type, own_lr)
     gen = torch.Generator().manual_seed(recipe["seed"])
     policy = make_policy(recipe["augment"], recipe["augment_group"])
     step_fn = model
@@ -261,18 +261,20 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
         live_dir: str | os.PathLike | None = None, train_splits=("train",), val_split: str | None = "val",
         params=None, loss_fn: Callable | None = None, after_step: Callable[[nn.Module], None] | None = None,
         train_mode: Callable[[nn.Module], None] | None = None, tag: str = "", desc: str = "train",
-        progress: bool | None = None, teacher: nn.Module | None = None) -> FitResult:
+        progress: bool | None = None, teacher: nn.Module | None = None,
+        own_lr: tuple[Callable[[str], bool], float] | None = None) -> FitResult:
     """Train ``model`` in place with ``recipe``; resumes from ``state_path`` if it holds this run.
 
     ``params``: the parameters to optimise (default: all); ``loss_fn(logits,
     soft_targets, labels)``; ``after_step(model)`` runs after every optimizer
     step (pruning masks); ``train_mode(model)`` puts the model in training
     mode (default ``model.train()``; exit training keeps a frozen part in eval); ``teacher``: the
-    network distilled from when ``recipe['distill_weight']`` > 0 (frozen, eval mode, no gradients).
+    network distilled from when ``recipe['distill_weight']`` > 0 (frozen, eval mode, no gradients);
+    ``own_lr``: (which parameter names, learning rate) trained at their own rate without weight decay.
     """
     started = time.perf_counter()
     run = build_run(model, data, recipe, train_splits=train_splits, params=params, loss_fn=loss_fn,
-                    after_step=after_step, tag=tag, teacher=teacher)
+                    after_step=after_step, tag=tag, teacher=teacher, own_lr=own_lr)
     total_epochs = recipe["epochs"] + recipe["stabilize_epochs"]
     state_path = Path(state_path) if state_path else None
     start_epoch, history = restore_state(state_path, run, desc, total_epochs)

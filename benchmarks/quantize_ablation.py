@@ -1,0 +1,108 @@
+"""The quantizing stage's ablation: today's quantizers, each change alone, then all together,
+at the given widths, from one cached input network (the CPU profile's pruned network).
+
+Each variant is one run of ``stages/quantize.py`` (a subprocess, its own state folder, so a
+killed ablation resumes where it stopped); the table holds validation and test accuracy, the
+float input's accuracy and both score accountings. Every figure is on validation or test
+data; nothing here chooses anything.
+
+    python benchmarks/quantize_ablation.py --params params.yaml --model models/accelerate.pt \\
+        --workdir ablation --widths W4A4 W4A8 --out ablation/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_LAST_8 = {"stem": [8, 8], "classifier": [8, 8]}
+TODAY = {"act_quantizers": "signed", "weight_scale": "stats", "scale_lr": None}
+VARIANTS = {  # name -> (what it changes, quantize overrides on top of TODAY)
+    "today": ("signed inputs, max-|w| weight scales", {}),
+    "fitted": ("activation quantizers fitted to their inputs", {"act_quantizers": "fitted"}),
+    "learned": ("learned weight scales (MSE init), scales at lr 1e-3 without decay",
+                {"weight_scale": "learned", "scale_lr": 1e-3}),
+    "distill": ("distillation from the float input (w 0.5, T 4)", {"recipe": {"distill_weight": 0.5}}),
+    "first_last_8": ("stem and classifier at W8A8", {"layers": FIRST_LAST_8}),
+    "longer": ("10 QAT epochs", {"epochs": 10}),
+    "all": ("all of the above, 10 epochs", {"act_quantizers": "fitted", "weight_scale": "learned", "scale_lr": 1e-3,
+                                            "recipe": {"distill_weight": 0.5}, "layers": FIRST_LAST_8,
+                                            "epochs": 10}),
+    "all_schedule": ("all, widths 8 -> 6 -> final (1 + 1 + 8 epochs)",
+                     {"act_quantizers": "fitted", "weight_scale": "learned", "scale_lr": 1e-3,
+                      "recipe": {"distill_weight": 0.5}, "layers": FIRST_LAST_8, "epochs": 8,
+                      "schedule": [8, 6], "schedule_epochs": 1}),
+}
+COLUMNS = ["variant", "widths", "epochs", "val_accuracy", "accuracy", "input_accuracy", "accuracy_change",
+           "main_accuracy_fp32", "score", "score_tree", "what"]
+
+
+def variant_params(base: dict, name: str, label: str, model: str, folder: Path) -> dict:
+    """The quantize section of one run: the base section, today's quantizers, the variant's changes."""
+    what, overrides = VARIANTS[name]
+    w, a = (int(v) for v in label[1:].split("A"))
+    cfg = {**base, **TODAY, **overrides, "weight_bits": w, "act_bits": a, "compare_widths": [], "model": model}
+    cfg["recipe"] = {**base.get("recipe", {}), **overrides.get("recipe", {})}
+    cfg.update({key: str(folder / rel) for key, rel in (
+        ("out", "q.pt"), ("onnx", "onnx"), ("state", "state"), ("metrics", "metrics.json"),
+        ("info", "info.json"), ("table", "widths.csv"))})
+    return cfg
+
+
+def run_variant(params: dict, name: str, label: str, args) -> dict:
+    folder = Path(args.workdir) / f"{name}-{label}"
+    metrics = folder / "metrics.json"
+    cfg = variant_params(params.get("quantize", {}), name, label, args.model, folder)
+    if not metrics.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump({**params, "quantize": cfg}, sort_keys=False))
+        print(f"{name} {label}: running", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "stages/quantize.py"), "--params", str(folder / "params.yaml")],
+                       check=True)
+    m = json.loads(metrics.read_text())
+    epochs = cfg["epochs"] + cfg.get("schedule_epochs", 1) * len(cfg.get("schedule", []))
+    return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
+            **{k: m.get(k) for k in COLUMNS if k in m}}
+
+
+def markdown(rows: list[dict]) -> str:
+    pct = lambda v: "" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["| variant | widths | QAT epochs | val % | test % | change vs 16-bit input (pp) | score | "
+             "score (adder tree) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['widths']} | {r['epochs']} | {pct(r['val_accuracy'])} | "
+                     f"{pct(r['accuracy'])} | {100 * r['accuracy_change']:+.2f} | {r['score']:.6f} | "
+                     f"{r['score_tree']:.6f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", required=True, help="the profile's params.yaml (its prepare output must exist)")
+    ap.add_argument("--model", required=True, help="the quantizing stage's input checkpoint")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--widths", nargs="+", default=["W4A4", "W4A8"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out", required=True, help="markdown table (a CSV beside it)")
+    args = ap.parse_args(argv)
+    params = yaml.safe_load(Path(args.params).read_text())
+    rows = [run_variant(params, name, label, args) for label in args.widths for name in args.variants]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(rows))
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        csv.DictWriter(f, COLUMNS).writeheader()
+        csv.DictWriter(f, COLUMNS).writerows(rows)
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
