@@ -1,8 +1,10 @@
-"""A quantized network exported to ONNX (Brevitas' QCDQ form: QuantizeLinear /
-Clip / DequantizeLinear around every quantized tensor) and run with
-onnxruntime. onnxruntime fuses few of these patterns into integer kernels:
-most convolutions run in floating point on dequantized weights, so this
-checks the quantized network's predictions, not integer-kernel speed.
+"""A quantized network exported to ONNX and run with onnxruntime: Brevitas' QCDQ
+export (weights as int8 constants, biases as constants), then every quantized
+conv and linear layer rewritten into an integer kernel (``onnx_integer.py``:
+``ConvInteger`` / ``MatMulInteger`` on the integer input and weights, the int32
+accumulator scaled back per output channel, the bias added in float). What is
+not quantized (activation functions, SE gate, pooling, residual additions)
+runs in float.
 
 A network with an exit is exported as two graphs, so that adaptive inference
 really skips work: ``path`` (input -> exit logits and the features at the
@@ -12,12 +14,16 @@ the images whose exit confidence is not above the threshold.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
+
+from sipa_core.quantize.onnx_integer import rewrite_integer, session_and_warnings
 from sipa_core.train.evaluation import normalized
 
 OPSET = 17
@@ -47,12 +53,16 @@ class Rest(nn.Module):
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[list, list]) -> Path:
+    """QCDQ export with weights and biases as initializers (Brevitas otherwise keeps them as graph
+    inputs: onnxruntime warns for each and cannot fold them), then the integer rewrite."""
     from brevitas.export import export_onnx_qcdq  # noqa: PLC0415 (heavy, export only)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx_qcdq(module.eval(), args=example, export_path=str(path), opset_version=OPSET, dynamo=False,
-                     input_names=names[0], output_names=names[1],
-                     dynamic_axes={n: {0: "batch"} for n in names[0] + names[1]})
+                     input_names=names[0], output_names=names[1], keep_initializers_as_inputs=False,
+                     do_constant_folding=True, dynamic_axes={n: {0: "batch"} for n in names[0] + names[1]})
+    graph, _ = rewrite_integer(onnx.load(str(path)))
+    onnx.save(graph, str(path))
     return path
 
 
@@ -70,13 +80,10 @@ def export_network(main: nn.Module, net, input_shape, folder: Path) -> dict[str,
 
 
 def _session(path: Path, threads: int | None = None):
-    import onnxruntime as ort  # noqa: PLC0415 (heavy, export only)
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only (Brevitas keeps float biases as graph inputs: a warning per bias)
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session, warnings = session_and_warnings(path, threads)
+    for line in warnings:  # none expected: shown, not hidden
+        print(line, file=sys.stderr)
+    return session
 
 
 @dataclass

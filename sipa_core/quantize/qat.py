@@ -126,6 +126,14 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantWeightBiasInputOutputLayer) for m in model.modules())
 
 
+def quantized_layer_count(model: nn.Module) -> int:
+    """Conv and linear layers whose weights are quantized (below 16 bits)."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer  # noqa: PLC0415 (brevitas is heavy)
+
+    return sum(1 for m in model.modules()
+               if isinstance(m, QuantWeightBiasInputOutputLayer) and m.weight_quant.is_quant_enabled)
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, batches, part: nn.Module | None = None) -> None:
     """Set the activation quantizers' scales of ``part`` (default: all of ``model``) from a few

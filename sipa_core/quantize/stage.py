@@ -41,7 +41,15 @@ from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.prune.masks import apply_masks, masks_from_zeros, sparsity
 from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions
-from sipa_core.quantize.qat import calibrate, check_widths, float_twin, fold_batchnorm, quantize_modules
+from sipa_core.quantize.onnx_integer import INTEGER_KERNELS, integer_kernel_counts
+from sipa_core.quantize.qat import (
+    calibrate,
+    check_widths,
+    float_twin,
+    fold_batchnorm,
+    quantize_modules,
+    quantized_layer_count,
+)
 from sipa_core.quantize.quantizers import (
     ACT_QUANTIZERS,
     WEIGHT_SCALES,
@@ -396,17 +404,25 @@ def width_row(result: QuantResult, chosen: bool) -> dict:
             "ops": s["ops"], "score": s["score"], "chosen": "yes" if chosen else "no"}
 
 
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "MatMul")
+
+
 def onnx_check(run: QuantRun, result: QuantResult) -> tuple[dict, dict]:
     """Export the chosen network to ONNX and run the test split with onnxruntime (adaptively
-    at the chosen threshold): (files' bytes by name, metrics)."""
+    at the chosen threshold): (files' bytes by name, metrics, with the kernels onnxruntime runs
+    the main network's layers with after its graph optimisations)."""
     folder = Path(run.cfg["state"]) / "onnx"
     h = run.data.image_size[0]
     files = export_network(result.main, result.net, (3, h, h), folder)
     onnx = OnnxNetwork.load(files, result.threshold)
     x, y = run.data.split("test")
     preds = onnx_predictions(onnx, x, run.data.mean, run.data.std)
+    ops = integer_kernel_counts(files["full"])
     metrics = {"onnx_accuracy": accuracy(preds, y),
-               "onnx_agreement": float((preds == result.test_predictions).float().mean())}
+               "onnx_agreement": float((preds == result.test_predictions).float().mean()),
+               "onnx_integer_layers": sum(ops.get(k, 0) for k in INTEGER_KERNELS),
+               "onnx_float_layers": sum(ops.get(k, 0) for k in FLOAT_KERNELS),
+               "quantized_layers": quantized_layer_count(result.main)}
     return {f"{name}.onnx": path.read_bytes() for name, path in files.items()}, metrics
 
 

@@ -52,7 +52,8 @@ def sixteen_bit(model: nn.Module) -> nn.Module:
     inside = tuple(_quantizer_internals(clone))
     clone.register_forward_pre_hook(lambda _m, args: _to_fp16(args))
     for name, m in clone.named_modules():
-        if not (inside and name.startswith(inside)):
+        # A Sequential returns its last module's output, already rounded: no hook (it would not change it).
+        if not isinstance(m, nn.Sequential) and not (inside and name.startswith(inside)):
             m.register_forward_hook(lambda _m, _args, out: _to_fp16(out))
     return clone
 
