@@ -1,5 +1,6 @@
 """The quantizing stage's ablation: today's quantizers, each change alone, then all together,
-at the given widths, from one cached input network (the CPU profile's pruned network).
+at the given widths, from one cached input network (the quantizing stage's input: on the CPU
+profile, its accelerated network, which is the pruned network without an exit).
 
 Each variant is one run of ``stages/quantize.py`` (a subprocess, its own state folder, so a
 killed ablation resumes where it stopped); the table holds validation and test accuracy, the
@@ -23,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_LAST_8 = {"stem": [8, 8], "classifier": [8, 8]}
-TODAY = {"act_quantizers": "signed", "weight_scale": "stats", "scale_lr": None}
+TODAY = {"act_quantizers": "signed", "weight_scale": "stats", "scale_lr": None, "layers": {}, "schedule": []}
 VARIANTS = {  # name -> (what it changes, quantize overrides on top of TODAY)
     "today": ("signed inputs, max-|w| weight scales", {}),
     "fitted": ("activation quantizers fitted to their inputs", {"act_quantizers": "fitted"}),
@@ -67,7 +68,9 @@ def run_variant(params: dict, name: str, label: str, args) -> dict:
         subprocess.run([sys.executable, str(ROOT / "stages/quantize.py"), "--params", str(folder / "params.yaml")],
                        check=True)
     m = json.loads(metrics.read_text())
-    epochs = cfg["epochs"] + cfg.get("schedule_epochs", 1) * len(cfg.get("schedule", []))
+    w, a = cfg["weight_bits"], cfg["act_bits"]
+    steps = [b for b in cfg["schedule"] if b > min(w, a)]  # the steps the stage trains (schedule_steps)
+    epochs = cfg["epochs"] + cfg.get("schedule_epochs", 1) * len(steps)
     return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
             **{k: m.get(k) for k in COLUMNS if k in m}}
 

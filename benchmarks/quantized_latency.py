@@ -1,6 +1,6 @@
 """CPU latency and throughput: the floating-point network in PyTorch against the
-quantized network exported to ONNX and run by onnxruntime, each with and
-without its early exit.
+quantized network exported to ONNX (every quantized conv and linear layer an
+integer kernel) and run by onnxruntime, each with and without its early exit.
 
     python benchmarks/quantized_latency.py            # after `dvc repro quantize`
 
@@ -25,10 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipa_core.accelerate.stage import load_early_exit  # noqa: E402
+from sipa_core.checkpoint import load_model  # noqa: E402
 from sipa_core.data.prepare import load_prepared  # noqa: E402
 from sipa_core.io import load_checkpoint  # noqa: E402
 from sipa_core.paths import PATHS  # noqa: E402
 from sipa_core.quantize.export import OnnxNetwork  # noqa: E402
+from sipa_core.quantize.onnx_integer import FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts  # noqa: E402
 from sipa_core.train.evaluation import normalized  # noqa: E402
 
 
@@ -61,6 +63,16 @@ def measure(run, x: torch.Tensor, singles: int, batch: int) -> tuple[float, floa
     return 1000 * statistics.median(times), len(x) / (time.perf_counter() - t0)
 
 
+def torch_rows(path) -> list:
+    """The floating-point network in PyTorch: with and without its exit (when it has one)."""
+    if load_checkpoint(path).get("exit") is None:
+        main = load_model(path)[0].eval()
+        return [("PyTorch fp32", "no", torch.no_grad()(main))]
+    net, record = load_early_exit(path)
+    return [("PyTorch fp32", "no", torch_runner(net, record["threshold"], False)),
+            ("PyTorch fp32", f"yes ({record['threshold']:.2f})", torch_runner(net, record["threshold"], True))]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -70,19 +82,18 @@ def main():
     torch.set_num_threads(args.threads)
     data = load_prepared(PATHS["prepare"]["out"])
     x = normalized(data.test_x, data.mean, data.std)
-    net, record = load_early_exit(PATHS["accelerate"]["out"])
     quant = load_checkpoint(PATHS["quantize"]["out"])
     threshold = (quant.get("exit") or {}).get("threshold")
     folder = Path(PATHS["quantize"]["onnx"])
     files = {name: folder / f"{name}.onnx" for name in ("full", "path", "rest") if (folder / f"{name}.onnx").is_file()}
     onnx = OnnxNetwork.load(files, threshold, threads=args.threads)
-    rows = [("PyTorch fp32", "no", torch_runner(net, record["threshold"], False)),
-            ("PyTorch fp32", f"yes ({record['threshold']:.2f})", torch_runner(net, record["threshold"], True)),
-            (f"onnxruntime {quant['quant']['label']}", "no", onnx_runner(onnx, False))]
+    rows = torch_rows(PATHS["accelerate"]["out"]) + [
+        (f"onnxruntime {quant['quant']['label']}", "no", onnx_runner(onnx, False))]
     if threshold is not None:
         rows.append((f"onnxruntime {quant['quant']['label']}", f"yes ({threshold:.2f})", onnx_runner(onnx, True)))
+    layers = {k: n for k, n in integer_kernel_counts(files["full"]).items() if k in INTEGER_KERNELS + FLOAT_KERNELS}
     print(f"{len(x)} test images of {data.image_size[0]}x{data.image_size[1]}, {args.threads} threads, "
-          f"torch {torch.__version__}\n")
+          f"torch {torch.__version__}; onnxruntime runs full.onnx's layers as {layers}\n")
     print(f"| runtime | exit | batch 1: median ms | batch {args.batch}: images/s |\n|---|---|---|---|")
     for name, exit_text, run in rows:
         ms, ips = measure(run, x, args.singles, args.batch)

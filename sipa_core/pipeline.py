@@ -79,6 +79,9 @@ def quantize_trainings(q: dict, path: str) -> dict:
     recipe = check_recipe({**QAT_RECIPE, **q["recipe"], "epochs": q["epochs"], "seed": q["seed"]}, file=path,
                           section="quantize.recipe")
     widths = [q["widths"].label()] + list(q["compare_widths"])
-    return {"widths trained": widths, "main network, each width": recipe,
+    steps = {"width schedule": f"{q['schedule']}, {q['schedule_epochs']} epochs each, then the final widths"}
+    return {"widths trained": widths, **(steps if q["schedule"] else {}),
+            "quantizers": {k: q[k] for k in ("act_quantizers", "weight_scale", "scale_lr")},
+            "main network, each width": recipe,
             "exit, each width": {**recipe, "epochs": q["exit_epochs"], "label_smoothing": 0.0},
             "speed keys": "from the input checkpoint (precision, channels_last, device, ...)"}

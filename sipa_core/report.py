@@ -99,8 +99,9 @@ def table_markdown(rows: list[dict], title: str, cost: dict | None = None) -> st
                       f"{cost['pipeline_wall_time_s']:,.0f} s of stage wall time (prepare included)."]
     lines += ["", "Parameters (n) are 32-bit-equivalent counts (bytes / 4) and math ops (n) 32-bit-equivalent "
               "operations per image, by the MicroNet rules; (s) are normalised by WideResNet-28-10. "
-              "Accuracy is top-1 on this run's test split with 16-bit weights (a quantizing row: at its own "
-              "widths); the paper's rows are CIFAR-100. Total: every addition counted at 32 bits (the strict "
+              "Accuracy is top-1 on this run's test split, the network run at 16 bits (a quantizing row: at "
+              "its own widths, the rest at 16 bits); the paper's rows are CIFAR-100. Total: every addition "
+              "counted at 32 bits (the strict "
               "accounting); total (adder tree): a layer's accumulation counted as the 2019 entries counted it "
               "(docs/scoring.md). Training images: every image each stage's trainings processed (epochs x "
               "images per epoch)."]

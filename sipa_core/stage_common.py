@@ -80,7 +80,7 @@ def score_metrics(model: nn.Module, data: PreparedData, bits: int = 16, **count_
 def stage_metrics(model: nn.Module, data: PreparedData, *, seed: int, device: str, started: float,
                   bits: int = 16, **extra) -> dict:
     """Metrics of a stage's result: score keys, accuracy of the weights at the
-    counted bit width (fp16 weights under the 16-bit freebie), provenance."""
+    counted bit width (run at 16 bits under the 16-bit freebie), provenance."""
     fp16 = bits == 16
     metrics = score_metrics(model, data, bits)
     metrics["accuracy"] = evaluate(model, data, "test", fp16=fp16)

@@ -197,6 +197,11 @@ def test_the_adder_tree_by_hand():
     linear = 10 * (adder_tree(256, 7) + 256 * 4 + 16 + 16)  # ... and the bias at 16 bits
     assert s["ops_tree"] == (conv + linear) / 32
     assert s["score"] > s["score_tree"]  # the strict accounting: every addition at 32 bits
+    # The linear layer's input unsigned (after a ReLU, or shifted by a zero point): its operands
+    # are 4 + 4 = 8 bits wide, the conv's stay at 7; the strict accounting does not change.
+    u = count(model, (3, 8, 8), bits=BitWidths(4, 4, unsigned=("2",))).summary()
+    assert adder_tree(256, 8) == adder_tree(256, 7) + 255
+    assert u["ops_tree"] == (conv + 10 * (adder_tree(256, 8) + 256 * 4 + 32)) / 32 and u["ops"] == s["ops"]
 
 
 def by_hand_tree(rows, w_bits, a_bits, density=1.0, cost=adder_tree):

@@ -23,7 +23,7 @@ from sipa_core.quantize.qat import calibrate, float_twin, fold_batchnorm, quanti
 from sipa_core.quantize.quantizers import Quantizers, input_kind, is_quantizer_parameter
 from sipa_core.quantize.stage import quantize, read_config
 from sipa_core.scoring import BitWidths, count
-from sipa_core.train import default_recipe, evaluate, fit
+from sipa_core.train import default_recipe, evaluate, fit, sixteen_bit
 from sipa_core.train.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,11 @@ def test_quantized_layers_take_their_widths_and_keep_zeros():
     for name, keep in masks.items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         assert torch.all(module.quant_weight().value[~keep] == 0), name
+    # Run at 16 bits, a quantized layer keeps its integer weights and its scales; its bias is FP16.
+    h = sixteen_bit(model.eval())
+    layer, h_layer = model.blocks[1].project[0], h.blocks[1].project[0]
+    assert torch.equal(h_layer.quant_weight().value, layer.quant_weight().value)
+    assert torch.equal(h_layer.bias, layer.bias.half().float()) and not torch.equal(h_layer.bias, layer.bias)
     twin = float_twin(model)
     x = torch.randn(4, 3, 16, 16)
     assert not any(type(m).__module__.startswith("brevitas") for m in twin.modules())

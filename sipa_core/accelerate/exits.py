@@ -99,14 +99,17 @@ class EarlyExitNetwork(nn.Module):
 
 def from_record(main: nn.Module, record: dict, path="checkpoint", quant: dict | None = None) -> EarlyExitNetwork:
     """The network a checkpoint's ``exit`` record describes (config + weights); ``quant``: the
-    checkpoint's quantization record (the exit is then built quantized, at the default widths)."""
+    checkpoint's quantization record (the exit is then built quantized, at its recorded widths)."""
     cfg = {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio", "loss", "rule")}
     try:
         net = EarlyExitNetwork(main, cfg)
     except (KeyError, TypeError) as err:
         raise SipaError(f"{path}: malformed exit record ({err})") from None
     if quant:
-        quantized_structure(net.exit, quant, exit_module=True)
+        try:
+            quantized_structure(net.exit, quant, exit_module=True)
+        except SipaError as err:
+            raise SipaError(f"{path}: {err}") from None
         try:
             net.exit.load_state_dict(record["state"], strict=True)  # Brevitas restores its scales itself
         except RuntimeError as err:

@@ -184,8 +184,7 @@ class ExitRun:
         """With BN updates the main network changed too: its logits come from this exit's run."""
         if not self.cfg["update_main_bn"]:
             return self.main_logits
-        scored = sixteen_bit(net.main) if self.fp16 else net.main
-        return {s: self.logits_of(scored, s) for s in ("val", "test")}
+        return {s: self.logits_of(net.main, s) for s in ("val", "test")}  # at 16 bits where counted so
 
     def train_mode(self, model) -> None:
         model.eval()

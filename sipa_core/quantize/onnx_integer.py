@@ -39,6 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 INTEGER_KERNELS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat")
+FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "MatMul")  # a layer onnxruntime runs in floating point
 
 
 class _Graph:
@@ -81,7 +82,7 @@ def _int_weight(ix: _Graph, name: str) -> np.ndarray | None:
     if w is not None:
         return w
     clip = ix.producer.get(name)
-    if clip is None or clip.op_type != "Clip" or ix.const(clip.input[0]) is None:
+    if clip is None or clip.op_type != "Clip" or len(clip.input) < 3 or ix.const(clip.input[0]) is None:
         return None
     lo, hi = ix.const(clip.input[1]), ix.const(clip.input[2])
     return np.clip(ix.const(clip.input[0]), lo, hi).astype(ix.const(clip.input[0]).dtype)
@@ -97,6 +98,8 @@ def _layer_operands(ix: _Graph, node):
     if w_int is None or w[1] is None or np.any(w[2] != 0):  # ConvInteger: scalar weight zero point only
         return None
     bias = ix.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if bias is None and len(node.input) > 2 and node.input[2]:
+        return None  # a bias computed at run time: left as it is rather than dropped
     return x[0], np.asarray(x[1], np.float64).reshape(()), x[2].reshape(()), w_int, \
         np.asarray(w[1], np.float64).reshape(-1), bias
 
@@ -115,7 +118,7 @@ def _uint8_input(ix: _Graph, xq: str, zx: np.ndarray, extra: list, done: dict) -
         return xq, zx
     if xq not in done:
         clip = ix.producer.get(xq)
-        q = ix.producer[clip.input[0]] if clip is not None and clip.op_type == "Clip" else clip
+        q = ix.producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else clip
         if q is None or q.op_type != "QuantizeLinear":
             return xq, zx  # not produced by a QuantizeLinear: keep int8
         zp = ix.add_init(xq + "_u8zp", _to_u8(zx))

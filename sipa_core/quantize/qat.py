@@ -4,16 +4,17 @@ channel, activations per tensor, straight-through gradients, any bit width.
 Brevitas (AMD/Xilinx, maintained) is chosen over torchao and ``torch.ao``:
 it trains at arbitrary widths (4, 6, 8 bits, per layer) with straight-through
 estimators and exports the same modules to ONNX as QuantizeLinear /
-DequantizeLinear pairs that onnxruntime runs in integer arithmetic. torchao
+DequantizeLinear pairs (``onnx_integer.py`` turns them into integer kernels). torchao
 targets int4/int8 weight-only inference of large models; ``torch.ao`` is
 being retired.
 
 What is quantized: every convolution and linear layer's weight (per output
-channel, symmetric, so a pruned zero stays zero) and its input (per tensor).
-The elementwise products between them (activation functions, the SE gate,
-pooling's division) are not quantized here; ``quantized_widths`` counts them
-at 16 bits, the width the whole network is evaluated at without
-quantization. A layer at 16 bits or more stays floating point.
+channel, symmetric, so a pruned zero stays zero) and its input (per tensor),
+with the quantizers ``quantizers.py`` chooses. The elementwise products
+between them (activation functions, the SE gate, pooling's division) are not
+quantized here; they are counted at 16 bits, and the network is evaluated
+running them at 16 bits (``train.evaluation.sixteen_bit``). A layer at 16
+bits or more stays floating point.
 
 The module names do not change (a quantized conv is where its float conv
 was), so pruning masks, optimizer state names and the per-layer width
@@ -127,11 +128,12 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantized_layer_count(model: nn.Module) -> int:
-    """Conv and linear layers whose weights are quantized (below 16 bits)."""
+    """Conv and linear layers whose weights and input are both quantized (below 16 bits): the
+    layers an integer kernel can run."""
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer  # noqa: PLC0415 (brevitas is heavy)
 
-    return sum(1 for m in model.modules()
-               if isinstance(m, QuantWeightBiasInputOutputLayer) and m.weight_quant.is_quant_enabled)
+    return sum(1 for m in model.modules() if isinstance(m, QuantWeightBiasInputOutputLayer)
+               and m.weight_quant.is_quant_enabled and m.input_quant.is_quant_enabled)
 
 
 @torch.no_grad()

@@ -41,7 +41,7 @@ from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.prune.masks import apply_masks, masks_from_zeros, sparsity
 from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions
-from sipa_core.quantize.onnx_integer import INTEGER_KERNELS, integer_kernel_counts
+from sipa_core.quantize.onnx_integer import FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts
 from sipa_core.quantize.qat import (
     calibrate,
     check_widths,
@@ -158,6 +158,9 @@ def read_config(params_path: str | Path) -> dict:
         for what, bits in (("weight", w), ("activation", a)):
             if not 2 <= bits <= 16:
                 raise SipaError(f"{params_path}: quantize.layers.{pattern}: {what} bits must be 2..16, got {bits}")
+    if cfg["schedule"]:
+        check_recipe({**QAT_RECIPE, **cfg["recipe"], "epochs": cfg["schedule_epochs"], "stabilize_epochs": 0},
+                     file=params_path, section="quantize.recipe (each schedule step)")
     try:
         cfg["widths"] = widths_of(cfg, cfg["weight_bits"], cfg["act_bits"])
     except SipaError as err:
@@ -202,6 +205,10 @@ class QuantRun:
     def labels(self, split: str) -> torch.Tensor:
         return self.data.split(split)[1]
 
+    def own_lr(self):
+        """The quantizers' scales and zero points at ``scale_lr`` without decay (None: as any parameter)."""
+        return (is_quantizer_parameter, self.cfg["scale_lr"]) if self.cfg["scale_lr"] is not None else None
+
     def split_labels(self) -> dict:
         return {s: self.labels(s) for s in ("val", "test")}
 
@@ -225,7 +232,8 @@ def _start(cfg: dict, params_file: str, progress) -> QuantRun:
                            "epochs": cfg["epochs"], "seed": cfg["seed"]}, file=params_file, section="quantize.recipe")
     key = {"input": file_digest(cfg["model"]), "data": data.source, "recipe": recipe,
            **{k: cfg[k] for k in ("exit_epochs", "calibration_batches", "act_quantizers", "weight_scale",
-                                  "scale_lr", "schedule", "schedule_epochs")}}
+                                  "scale_lr", "schedule")},
+           **({"schedule_epochs": cfg["schedule_epochs"]} if cfg["schedule"] else {})}
     rule = ExitRule.from_record(meta["exit"], f"{where}.model: {cfg['model']}") if meta.get("exit") else None
     run = QuantRun(cfg, data, main, meta.get("exit"), recipe, lineage, key, params_file, progress, rule)
     _fit_quantizers(run)
@@ -252,10 +260,11 @@ def _quantized_copy(module: torch.nn.Module, widths: BitWidths, quantizers: Quan
 
 def schedule_steps(cfg: dict, widths: BitWidths) -> list[BitWidths]:
     """The widths QAT steps through: each schedule width that is above the final widths (as a floor
-    under weights and activations; per-layer overrides kept), then the final widths."""
+    under every layer's weights and activations), then the final widths."""
     steps = []
     for bits in cfg["schedule"]:
-        step = replace(widths, weight=max(bits, widths.weight), act=max(bits, widths.act))
+        overrides = tuple((p, max(bits, w), max(bits, a)) for p, w, a in widths.overrides)
+        step = replace(widths, weight=max(bits, widths.weight), act=max(bits, widths.act), overrides=overrides)
         if step != widths and (not steps or step != steps[-1]):
             steps.append(step)
     return steps + [widths]
@@ -270,21 +279,21 @@ def _train_main(run: QuantRun, widths: BitWidths, run_dir: Path) -> torch.nn.Mod
     """The quantized main network: for each step of the width schedule, the previous step's weights
     quantized at the step's widths, activation scales calibrated, then QAT with the masks kept."""
     steps, weights = schedule_steps(run.cfg, widths), None
-    own_lr = (is_quantizer_parameter, run.cfg["scale_lr"]) if run.cfg["scale_lr"] is not None else None
     for i, step in enumerate(steps):
         main, masks = _quantized_copy(run.main, step, run.quantizers)
         if weights is not None:
             main.load_state_dict(weights, strict=False)
         calibrate(main, run.batches())
         init_weight_scales(main)
-        epochs = run.cfg["epochs"] if i == len(steps) - 1 else run.cfg["schedule_epochs"]
+        last = i == len(steps) - 1
+        step_recipe = {**run.recipe, "epochs": run.cfg["epochs"]} if last else \
+            {**run.recipe, "epochs": run.cfg["schedule_epochs"], "stabilize_epochs": 0}
         label = f"W{step.weight}A{step.act}"
-        if epochs > 0:
-            fit(main, run.data, {**run.recipe, "epochs": epochs},
-                state_path=run_dir / ("main.pt" if i == len(steps) - 1 else f"main-{label}.pt"),
+        if step_recipe["epochs"] > 0:
+            fit(main, run.data, step_recipe, state_path=run_dir / ("main.pt" if last else f"main-{label}.pt"),
                 tag=f"quantize-main-{label}", desc=f"QAT {label}", train_splits=tuple(run.lineage["splits"]),
                 val_split="val" if len(run.data.val_y) else None, after_step=lambda m, k=masks: apply_masks(m, k),
-                progress=run.progress, own_lr=own_lr,
+                progress=run.progress, own_lr=run.own_lr(),
                 teacher=copy.deepcopy(run.main) if run.recipe["distill_weight"] else None)
         weights = _float_weights(main)
     return main.cpu().eval()
@@ -314,7 +323,7 @@ def _train_exit(run: QuantRun, main: torch.nn.Module, widths: BitWidths, run_dir
             params=list(net.exit.parameters()), loss_fn=LOSS_FUNCTIONS[run.exit_record.get("loss", "softsmoothing")],
             train_mode=train_mode, train_splits=tuple(run.lineage["splits"]), val_split="val",
             after_step=lambda m: apply_masks(m.exit, masks), progress=run.progress,
-            own_lr=(is_quantizer_parameter, run.cfg["scale_lr"]) if run.cfg["scale_lr"] is not None else None,
+            own_lr=run.own_lr(),
             teacher=copy.deepcopy(float_net) if run.recipe["distill_weight"] else None)
     return net.cpu().eval()
 
@@ -387,7 +396,8 @@ def quantize_network(run: QuantRun, widths: BitWidths) -> QuantResult:
 
 
 def input_accuracy(run: QuantRun) -> float:
-    """The floating-point input network's test accuracy at its own threshold (fp32)."""
+    """The floating-point input network's test accuracy at its own threshold, run at 16 bits (as the
+    accelerate stage scores it under the 16-bit freebie)."""
     main_logits = run.logits(run.main, "test")
     if run.exit_record is None:
         return accuracy(main_logits, run.labels("test"))
@@ -402,9 +412,6 @@ def width_row(result: QuantResult, chosen: bool) -> dict:
             "val_accuracy": result.val_accuracy, "accuracy": result.accuracy,
             "exit_ratio": result.exit_ratio, "threshold": result.threshold, "params_bytes": s["params_bytes"],
             "ops": s["ops"], "score": s["score"], "chosen": "yes" if chosen else "no"}
-
-
-FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "MatMul")
 
 
 def onnx_check(run: QuantRun, result: QuantResult) -> tuple[dict, dict]:
@@ -493,4 +500,15 @@ def summary(cfg: dict, m: dict) -> str:
             f"score {m['score']:.6f}")
 
 
-STAGE = Stage("quantize", __doc__, read_config, quantize, summary, None)
+def inactive(cfg: dict, raw: dict) -> list[str]:
+    """Keys set in the file that these settings do not use."""
+    if not cfg["schedule"]:
+        return ["quantize.schedule_epochs: schedule is empty (QAT trains at the final widths only)"] \
+            if "schedule_epochs" in raw else []
+    if len(schedule_steps(cfg, cfg["widths"])) == 1:
+        return [f"quantize.schedule: no width of {cfg['schedule']} is above {cfg['widths'].label()}, "
+                "the main widths train without steps"]
+    return []
+
+
+STAGE = Stage("quantize", __doc__, read_config, quantize, summary, inactive)

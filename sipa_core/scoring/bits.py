@@ -134,5 +134,6 @@ class BitWidths:
                    tuple(str(n) for n in d.get("unsigned", ())))
 
     def without_overrides(self) -> BitWidths:
-        """The default widths only (for a module counted on its own, such as an exit)."""
-        return BitWidths(self.weight, self.act, self.add, (), self.elementwise, self.unsigned)
+        """The default widths only (for a module counted on its own, such as an exit: the unsigned
+        layers, named in the main network, are not carried over)."""
+        return BitWidths(self.weight, self.act, self.add, (), self.elementwise)

@@ -32,24 +32,33 @@ def _to_fp16(value):
     return value
 
 
-def _quantizer_internals(model: nn.Module) -> list[str]:
-    """Name prefixes of the submodules inside quantized layers (their values are integers times a
-    scale, computed in integer arithmetic, not in fp16)."""
-    return [name + "." for name, m in model.named_modules()
-            if any(n.endswith("_quant") for n, _ in m.named_children())]
+def _quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the layers with quantizers (Brevitas: children named ``*_quant``): their weights
+    and inputs are integers times a scale, computed in integer arithmetic, not in fp16."""
+    return [name for name, m in model.named_modules() if any(n.endswith("_quant") for n, _ in m.named_children())]
+
+
+def round_to_fp16(model: nn.Module, keep=lambda name: False) -> None:
+    """Every floating-point parameter and buffer through fp16 and back, in place, except those
+    whose name ``keep`` accepts."""
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and not keep(name):
+                t.copy_(t.half().float())
 
 
 def sixteen_bit(model: nn.Module) -> nn.Module:
-    """A copy that runs at 16 bits: its weights went through fp16 and back, and so does its input
-    and every module's output (each activation function, pooling, SE gate, block with its residual
-    addition, conv / linear output after scale and bias), emulating fp16 arithmetic with an fp32
-    accumulator inside a conv or matrix product."""
+    """A copy that runs at 16 bits: its weights went through fp16 and back (a quantized layer
+    keeps its weights and scales: only its bias, FP16 in the rules), and so does its input and
+    every module's output (activation-function modules, each block and SE block with its residual
+    addition or gate product, each conv / linear output), emulating fp16 arithmetic with an fp32
+    accumulator inside a conv or matrix product. Operations inside a module's forward (the SE
+    block's pooling and sigmoid) are rounded where that module returns."""
     clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for t in list(clone.parameters()) + list(clone.buffers()):
-            if t.is_floating_point():
-                t.copy_(t.half().float())
-    inside = tuple(_quantizer_internals(clone))
+    quantized = _quantized_layers(clone)
+    inside = tuple(f"{n}." for n in quantized)
+    biases = {f"{n}.bias" for n in quantized}
+    round_to_fp16(clone, keep=lambda name: name.startswith(inside) and name not in biases)
     clone.register_forward_pre_hook(lambda _m, args: _to_fp16(args))
     for name, m in clone.named_modules():
         # A Sequential returns its last module's output, already rounded: no hook (it would not change it).
