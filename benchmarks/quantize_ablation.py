@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from sipa_core.quantize.stage import read_config, schedule_steps
+
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_LAST_8 = {"stem": [8, 8], "classifier": [8, 8]}
 TODAY = {"act_quantizers": "signed", "weight_scale": "stats", "scale_lr": None, "layers": {}, "schedule": []}
@@ -36,6 +38,9 @@ VARIANTS = {  # name -> (what it changes, quantize overrides on top of TODAY)
     "all": ("all of the above, 10 epochs", {"act_quantizers": "fitted", "weight_scale": "learned", "scale_lr": 1e-3,
                                             "recipe": {"distill_weight": 0.5}, "layers": FIRST_LAST_8,
                                             "epochs": 10}),
+    "all_stats": ("all but learned scales (max-|w| statistics), 10 epochs",
+                  {"act_quantizers": "fitted", "recipe": {"distill_weight": 0.5}, "layers": FIRST_LAST_8,
+                   "epochs": 10}),
     "all_schedule": ("all, widths 8 -> 6 -> final (1 + 1 + 8 epochs)",
                      {"act_quantizers": "fitted", "weight_scale": "learned", "scale_lr": 1e-3,
                       "recipe": {"distill_weight": 0.5}, "layers": FIRST_LAST_8, "epochs": 8,
@@ -68,9 +73,9 @@ def run_variant(params: dict, name: str, label: str, args) -> dict:
         subprocess.run([sys.executable, str(ROOT / "stages/quantize.py"), "--params", str(folder / "params.yaml")],
                        check=True)
     m = json.loads(metrics.read_text())
-    w, a = cfg["weight_bits"], cfg["act_bits"]
-    steps = [b for b in cfg["schedule"] if b > min(w, a)]  # the steps the stage trains (schedule_steps)
-    epochs = cfg["epochs"] + cfg.get("schedule_epochs", 1) * len(steps)
+    read = read_config(folder / "params.yaml")  # as the stage read it: defaults filled in
+    steps = schedule_steps(read, read["widths"])[:-1]  # the steps trained before the final widths
+    epochs = read["epochs"] + read["schedule_epochs"] * len(steps)
     return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
             **{k: m.get(k) for k in COLUMNS if k in m}}
 

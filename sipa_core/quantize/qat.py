@@ -32,8 +32,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import SameConv2d
-from sipa_core.quantize.quantizers import Quantizers, brevitas_quantizers
+from sipa_core.quantize.quantizers import Quantizers, brevitas_quantizers, quantization_targets
 from sipa_core.scoring.bits import BitWidths
+from sipa_core.train.evaluation import integer_weights
 
 FLOAT_BITS = 16  # a layer at this width or wider is left in floating point
 MIN_BITS = 2
@@ -113,7 +114,7 @@ def quantize_modules(model: nn.Module, widths: BitWidths, quantizers: Quantizers
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise SipaError("quantize: fold BatchNorm before quantizing (fold_batchnorm)")
     quantizers = quantizers or Quantizers()
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in (nn.Conv2d, SameConv2d, nn.Linear)]
+    targets = quantization_targets(model)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -130,10 +131,7 @@ def is_quantized(model: nn.Module) -> bool:
 def quantized_layer_count(model: nn.Module) -> int:
     """Conv and linear layers whose weights and input are both quantized (below 16 bits): the
     layers an integer kernel can run."""
-    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer  # noqa: PLC0415 (brevitas is heavy)
-
-    return sum(1 for m in model.modules() if isinstance(m, QuantWeightBiasInputOutputLayer)
-               and m.weight_quant.is_quant_enabled and m.input_quant.is_quant_enabled)
+    return sum(1 for m in model.modules() if integer_weights(m) and m.input_quant.is_quant_enabled)
 
 
 @torch.no_grad()

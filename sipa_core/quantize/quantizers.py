@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from sipa_core.errors import SipaError
+from sipa_core.models.layers import SameConv2d
 
 ACT_QUANTIZERS = ("fitted", "signed")
 WEIGHT_SCALES = ("stats", "learned")
@@ -49,9 +50,13 @@ def input_kind(low: float, high: float) -> str:
     return "signed"
 
 
-def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The conv and linear layers QAT quantizes, by name."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+QUANTIZABLE = (nn.Conv2d, SameConv2d, nn.Linear)
+
+
+def quantization_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The conv and linear layers QAT replaces by quantized twins, by name (exact types: a
+    Brevitas layer, itself a subclass of Conv2d or Linear, is not one)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
 
 
 @torch.no_grad()
@@ -69,7 +74,7 @@ def input_ranges(model: nn.Module, batches, part: nn.Module | None = None) -> di
             old[0], old[1] = min(old[0], low), max(old[1], high)
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantized_layers(part)]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantization_targets(part)]
     was_training = model.training
     model.eval()
     try:

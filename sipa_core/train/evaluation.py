@@ -32,10 +32,11 @@ def _to_fp16(value):
     return value
 
 
-def _quantized_layers(model: nn.Module) -> list[str]:
-    """Names of the layers with quantizers (Brevitas: children named ``*_quant``): their weights
-    and inputs are integers times a scale, computed in integer arithmetic, not in fp16."""
-    return [name for name, m in model.named_modules() if any(n.endswith("_quant") for n, _ in m.named_children())]
+def integer_weights(module: nn.Module) -> bool:
+    """A layer whose weights are integers times a scale (a Brevitas layer with its weight
+    quantizer on, below 16 bits): run in integer arithmetic, not in fp16."""
+    quant = getattr(module, "weight_quant", None)
+    return quant is not None and quant.is_quant_enabled
 
 
 def round_to_fp16(model: nn.Module, keep=lambda name: False) -> None:
@@ -55,10 +56,11 @@ def sixteen_bit(model: nn.Module) -> nn.Module:
     accumulator inside a conv or matrix product. Operations inside a module's forward (the SE
     block's pooling and sigmoid) are rounded where that module returns."""
     clone = copy.deepcopy(model)
-    quantized = _quantized_layers(clone)
-    inside = tuple(f"{n}." for n in quantized)
-    biases = {f"{n}.bias" for n in quantized}
-    round_to_fp16(clone, keep=lambda name: name.startswith(inside) and name not in biases)
+    integer = [name for name, m in clone.named_modules() if integer_weights(m)]
+    biases = {f"{n}.bias" for n in integer}
+    round_to_fp16(clone, keep=lambda name: name.startswith(tuple(f"{n}." for n in integer)) and name not in biases)
+    # A Brevitas layer's quantizers pass QuantTensors between them: rounded where the layer returns.
+    inside = tuple(f"{n}." for n, m in clone.named_modules() if hasattr(m, "weight_quant"))
     clone.register_forward_pre_hook(lambda _m, args: _to_fp16(args))
     for name, m in clone.named_modules():
         # A Sequential returns its last module's output, already rounded: no hook (it would not change it).
