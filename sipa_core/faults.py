@@ -6,8 +6,9 @@ does). Points: ``step`` (after an optimizer step, mid-epoch), ``epoch``
 (after an epoch's state is saved), ``write`` (a file written to its temporary
 name, before the rename), ``trial`` (after a search trial is stored),
 ``round`` (after a pruning round is kept), ``exit`` (after an exit is
-trained and kept), ``publish`` (a stage's outputs written, its metrics not yet). Unset, a point
-costs one dictionary lookup.
+trained and kept), ``publish`` (a stage's outputs written, its metrics not yet). ``point:n@r``
+kills only the data-parallel process of global rank r (``RANK``). Unset, a
+point costs one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import signal
 
 _SPEC = os.environ.get("SIPA_FAULT", "")
 _TARGET: tuple[str, int] | None = None
-if _SPEC:
+_SPEC, _, _RANK = _SPEC.partition("@")
+if _SPEC and (not _RANK or int(_RANK) == int(os.environ.get("RANK", "0"))):
     name, _, n = _SPEC.partition(":")
     _TARGET = (name, int(n or 1))
 _SEEN: dict[str, int] = {}

@@ -94,8 +94,8 @@ def publishing(metrics_path):
 
 
 # Provenance, and the counter's breakdown of params/ops (bytes, MB, mults, adds): run information.
-RUN_INFO_KEYS = frozenset({"seed", "device", "torch", "python", "params_bytes", "params_mb", "mults", "adds",
-                           "train_epochs"})
+RUN_INFO_KEYS = frozenset({"seed", "device", "processes", "torch", "python", "params_bytes", "params_mb", "mults",
+                           "adds", "train_epochs"})
 
 
 def split_metrics(values: dict) -> tuple[dict, dict]:

@@ -11,7 +11,8 @@ from sipa_core.accelerate.stage import STAGE as ACCELERATE, exit_recipe
 from sipa_core.data.prepare import STAGE as PREPARE
 from sipa_core.improve.stage import STAGE as IMPROVE
 from sipa_core.improve.techniques import apply_techniques
-from sipa_core.params import raw_section
+from sipa_core.launch import DISTRIBUTED_SCHEMA, __doc__ as DISTRIBUTED_DOC
+from sipa_core.params import check_section, load_yaml, raw_section
 from sipa_core.prune.stage import STAGE as PRUNE
 from sipa_core.quantize.stage import QAT_RECIPE, STAGE as QUANTIZE
 from sipa_core.report import STAGE as REPORT
@@ -20,14 +21,18 @@ from sipa_core.stage_runner import Stage
 from sipa_core.train.recipe import check_recipe
 
 STAGES: dict[str, Stage] = {s.name: s for s in (PREPARE, SEARCH, IMPROVE, PRUNE, ACCELERATE, QUANTIZE, REPORT)}
+# Sections that are not a stage's: name -> (what it is, its schema).
+SETTINGS = {"distributed": (DISTRIBUTED_DOC, DISTRIBUTED_SCHEMA)}
 
 
 def check_params(path: str) -> list[str]:
     """Check every stage's section of a params file (schemas, recipes, schedules);
     the first problem is a SipaError naming the file and key."""
+    for name, (_, schema) in SETTINGS.items():
+        check_section(load_yaml(path).get(name), schema, file=path, section=name)
     for stage in STAGES.values():
         stage.read_config(path)
-    return list(STAGES)
+    return list(SETTINGS) + list(STAGES)
 
 
 def inactive_keys(path: str) -> list[str]:

@@ -334,4 +334,4 @@ def summary(cfg: dict, m: dict) -> str:
             f"(params {m['params_score']:.6f} + ops {m['ops_score']:.6f}) -> {cfg['table']}, {cfg['summary']}")
 
 
-STAGE = Stage("report", __doc__, read_config, report, summary)
+STAGE = Stage("report", __doc__, read_config, report, summary, trains=False)

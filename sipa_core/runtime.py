@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from sipa_core.distributed import local_rank
+from sipa_core.distributed import local_rank, rank_and_world
 from sipa_core.errors import SipaError
 
 
@@ -53,8 +53,8 @@ def training_cost(since: float) -> dict:
 
 
 def provenance(*, seed: int, device: str, started: float) -> dict:
-    """What every metrics file records: seed, device, versions, wall time (of this process), and
-    the training the result cost (images, epochs; the same for a resumed run)."""
-    return dict(seed=seed, device=str(resolve_device(device)), torch=torch.__version__,
+    """What every metrics file records: seed, device, data-parallel processes, versions, wall time
+    (of this process), and the training the result cost (images, epochs; the same for a resumed run)."""
+    return dict(seed=seed, device=str(resolve_device(device)), processes=rank_and_world()[1], torch=torch.__version__,
                 python=platform.python_version(), wall_time_s=round(time.time() - started, 2),
                 **training_cost(started))

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow  # torchrun: two training processes
 
 def test_two_processes_train_like_one_with_ghost_batchnorm(tmp_path):
     """Global batch 32 over 2 processes = one process with ghost BatchNorm of 16:
-    the same augmented, mixed batches, the same averaged gradients, the same weights."""
+    the same augmented, mixed batches, the same averaged gradients, the same weights and
+    BatchNorm running statistics."""
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -30,8 +31,8 @@ def test_two_processes_train_like_one_with_ghost_batchnorm(tmp_path):
     recipe = default_recipe(epochs=2, batch_size=32, lr=0.1, mixup_alpha=0.5, device="cpu", ghost_batch=16)
     single = fit(configure_model(model, recipe), tiny_data(), recipe, val_split=None, progress=False)
     for (name, a) in model.state_dict().items():
-        if "running_" in name or "num_batches" in name:
-            continue  # running statistics: rank 0's own in data-parallel runs
+        if "num_batches" in name:
+            continue  # counts updates; not used with a momentum
         assert torch.allclose(a, ddp["model"][name], atol=2e-5, rtol=1e-4), name
     for a, b in zip(single.history, ddp["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

@@ -273,4 +273,4 @@ def summary(cfg: dict, m: dict) -> str:
             f"{m['num_classes']} classes, {m['image_height']}x{m['image_width']} -> {cfg['out']}")
 
 
-STAGE = Stage("prepare", __doc__, read_config, prepare, summary)
+STAGE = Stage("prepare", __doc__, read_config, prepare, summary, trains=False)

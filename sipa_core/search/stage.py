@@ -24,6 +24,7 @@ import yaml
 
 from sipa_core.checkpoint import load_model, save_model
 from sipa_core.errors import SipaError
+from sipa_core.launch import read_distributed
 from sipa_core.io import atomic_write_text, publish_metrics, publishing
 from sipa_core.lineage import lineage_record
 from sipa_core.models import create_spec, decode_blocks
@@ -91,6 +92,9 @@ def read_config(params_path) -> dict:
             raise SipaError(f"{where}.preset: {err}") from None
     if cfg["target"] is None:
         cfg["target"] = cfg["budget"]
+    if cfg["backend"] == "ray" and cfg["method"] != "preset" and read_distributed(params_path)["processes"] > 1:
+        raise SipaError(f"{where}.backend: ray spreads the trials over its own workers; with "
+                        f"distributed.processes > 1 use backend: local (each trial data-parallel)")
     return cfg
 
 

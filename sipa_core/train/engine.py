@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sipa_core.data.prepare import PreparedData
-from sipa_core.distributed import all_mean, rank_and_world
+from sipa_core.distributed import RunningStats, all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.runtime import record_teacher, record_training, resolve_device
@@ -100,6 +100,7 @@ class TrainingRun:
     after_step: Callable | None
     fingerprint: str = ""
     teacher: nn.Module | None = None  # distillation: frozen, in eval mode, on the device
+    running_stats: RunningStats | None = None  # several processes: BatchNorm statistics kept as one process's
 
     @property
     def images_per_epoch(self) -> int:
@@ -166,6 +167,7 @@ def build_run(model: nn.Module, data: PreparedData, recipe: dict, *, train_split
                       data.num_classes, loss_fn or soft_cross_entropy, after_step)
     run.fingerprint = fingerprint(model, data, recipe, tag)
     run.teacher = _teacher_on(teacher, recipe, device)
+    run.running_stats = RunningStats(model, bs // world) if world > 1 else None
     return run
 
 
@@ -198,6 +200,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, qu
     for step in tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}", unit="batch", leave=False,
                      disable=quiet):
         xf, targets, yb = _batch(run, perm[step * bs:(step + 1) * bs], stabilizing)
+        if run.running_stats is not None:
+            run.running_stats.before_step()
         with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
             logits = run.step_fn(xf)
         loss = run.loss_fn(logits.float(), targets, yb)
@@ -211,6 +215,8 @@ def train_one_epoch(run: TrainingRun, epoch: int, *, state_path: Path | None, qu
         run.scaler.scale(loss).backward()
         run.scaler.step(run.opt)
         run.scaler.update()
+        if run.running_stats is not None:
+            run.running_stats.after_step()
         lr_used = run.opt.param_groups[0]["lr"]
         run.sched.step()
         if run.after_step is not None:
@@ -284,7 +290,7 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
             record_teacher(start_epoch * run.images_per_epoch)
     if hasattr(after_step, "begin"):  # a step-aware hook (gradual pruning) learns where the run starts
         after_step.begin(model, start_epoch * run.steps_per_epoch, run.steps_per_epoch)
-    live = _Live(live_dir, history)
+    live = _Live(live_dir if run.rank == 0 else None, history)  # one writer: rank 0
     quiet = None if progress is None else not progress  # None: tqdm shows bars only on a terminal
     if run.rank != 0:
         quiet = True
