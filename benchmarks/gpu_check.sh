@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The GPU fast path, measured in one short run: training images/s of sipa_baseline at 63 px
-# with the paper's recipe (its augmentation policy, mixup, ghost BatchNorm, batch 128; the
-# improving stage's final recipe of profiles/paper.yaml), bf16, channels_last,
-#   1. eager,  2. torch.compile,  3. torch.compile mode reduce-overhead (CUDA graphs),
-# and the same eager without the augmentation policy (what the policy costs).
+# The one prepared script for a GPU machine (at most about 8 minutes on one GPU):
+#   1. the paper profile's whole pipeline at toy scale under `dvc repro` (every stage, the
+#      quantizing stage and its integer ONNX export included; every epoch count 1, 48 images
+#      per class of the shipped CIFAR-10 subset: benchmarks/toy_pipeline.py), one JSON line
+#      per stage with the device it ran on;
+#   2. training images/s of sipa_baseline at 63 px with the paper's recipe (its augmentation
+#      policy, mixup, ghost BatchNorm, batch 128; the improving stage's final recipe of
+#      profiles/paper.yaml), bf16, channels_last: eager, torch.compile, torch.compile mode
+#      reduce-overhead (CUDA graphs), and eager without the augmentation policy.
 #
-#   bash benchmarks/gpu_check.sh            # on a GPU machine: a few minutes
-#   bash benchmarks/gpu_check.sh --dry      # on the CPU: tiny sizes, every variant that runs there
+#   bash benchmarks/gpu_check.sh            # on a GPU machine
+#   bash benchmarks/gpu_check.sh --dry      # on the CPU: tiny sizes, every part that runs there
+#   GPU_CHECK_PROCESSES=8 bash benchmarks/gpu_check.sh   # the pipeline on 8 devices
 #
-# One JSON line per variant (benchmarks/train_speed.py), then a table. The first epoch of
-# each is warm-up (and compilation); images/s is from the later ones.
+# One JSON line per result, then a table. The first epoch of each throughput variant is
+# warm-up (and compilation); images/s is from the later ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python; fi
@@ -26,6 +31,9 @@ else
   COMPILED=()
 fi
 OUT=$(mktemp)
+if [[ "${1:-}" == "--dry" ]]; then TOY=(--dry); else TOY=(--processes "${GPU_CHECK_PROCESSES:-1}"); fi
+$PY benchmarks/toy_pipeline.py --workdir "$OUT.toy" "${TOY[@]}" || exit 1
+rm -rf "$OUT.toy"
 for v in "${VARIANTS[@]}"; do
   name=${v%%::*}; flags=${v#*::}
   # shellcheck disable=SC2086

@@ -1,6 +1,8 @@
-"""benchmarks/gpu_check.sh cannot rot: its dry mode runs on the CPU (tiny sizes, the paper's
-recipe, every variant that runs there; the compiled ones are built and parsed, not run)."""
+"""benchmarks/gpu_check.sh cannot rot: its dry mode runs on the CPU (the paper profile's whole
+pipeline at tiny sizes under dvc repro; the throughput variants with the paper's recipe, every
+one that runs there; the compiled ones are built and parsed, not run)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +16,18 @@ pytestmark = pytest.mark.slow  # a bash script running several trainings
 
 def test_gpu_check_dry_mode_runs_on_the_cpu():
     out = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry"], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+                         text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=900)
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| eager")]
     assert [r.split("|")[1].strip() for r in rows] == ["eager", "eager, no policy"]
     assert "| sipa_cifar100 |" in rows[0] and "| none |" in rows[1]  # the paper's policy, then without it
     assert out.stdout.count('"recipe_ok": true') == 2 and '"compile_mode": "reduce-overhead"' in out.stdout
+    pipeline = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"check": "pipeline"')]
+    assert [r.get("stage") for r in pipeline] == ["prepare", "search", "improve", "prune", "accelerate",
+                                                  "quantize", None]
+    assert pipeline[-1]["ok"] and pipeline[-1]["onnx"] == ["models/quantize_onnx/full.onnx"]
+    assert all(r["device"] == "cpu" and r["processes"] == 1 for r in pipeline[:-1])
+    quantize = pipeline[-2]
+    assert quantize["onnx_integer_layers"] > 0 and quantize["onnx_float_layers"] == 0
+    assert all(r["images_trained"] > 0 for r in pipeline[1:-1])  # every model stage trained
+    assert pipeline[3]["rounds"] == 2  # the paper's first and last pruning rounds
