@@ -64,7 +64,7 @@ from sipa_core.cli import build_parser, main
 from sipa_core.config_reference import configuration_reference
 from sipa_core.errors import SipaError
 from sipa_core.params import Field, check_section, load_yaml
-from sipa_core.pipeline import STAGES
+from sipa_core.pipeline import SETTINGS, STAGES
 from sipa_core.stage_runner import Stage
 from sipa_core.train.recipe import check_recipe
 
@@ -377,6 +377,14 @@ def script_parser(path: Path):
 # ---------------------------------------------------------------- checks
 
 
+def read_section(path: Path, section: str) -> None:
+    """Check one section of a params file as the pipeline does (a stage's, or a settings section)."""
+    if section in SETTINGS:
+        check_section(load_yaml(path).get(section), SETTINGS[section][1], file=path, section=section)
+    else:
+        STAGES[section].read_config(str(path))
+
+
 def set_param_problems(overrides: list[str], queue: bool) -> list[str]:
     """``dvc exp run -S`` overrides: DVC applies them; the owning stage checks the result."""
     path_overrides = to_path_overrides(overrides)
@@ -386,9 +394,9 @@ def set_param_problems(overrides: list[str], queue: bool) -> list[str]:
             problems.append(f"{path}: no such params file")
         for ov in ovs:
             key = ov.lstrip("~+").partition("=")[0]
-            if key.split(".")[0] not in STAGES:
+            if key.split(".")[0] not in {**SETTINGS, **STAGES}:
                 problems.append(f"{key}: {key.split('.')[0]!r} is not a pipeline section "
-                                f"(sections: {', '.join(STAGES)})")
+                                f"(sections: {', '.join([*SETTINGS, *STAGES])})")
     if problems:
         return problems
     try:
@@ -414,7 +422,7 @@ def set_param_problems(overrides: list[str], queue: bool) -> list[str]:
                 stage_problems = []
                 for section in dict.fromkeys(o.lstrip("~+").split(".")[0] for o in ovs):
                     try:
-                        STAGES[section].read_config(str(forced))
+                        read_section(forced, section)
                     except SipaError as err:
                         stage_problems.append(str(err).replace(str(forced), path))
                 problems += stage_problems
