@@ -7,6 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from sipa_core.pareto import Point, front
 from sipa_core.report import read_config, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +22,30 @@ def _metrics(tmp_path, **scores):
         (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(m))
 
 
+TABLES = {  # the stages' tables as they write them (header, then rows), as few rows as the tests need
+    "prune_rounds": "round,target,sparsity,select_accuracy,accuracy,score,score_tree,chosen\n",
+    "accelerate_exits": "position,threshold,val_accuracy,accuracy,score,score_tree,chosen\n",
+    "quantize_widths": "widths,val_accuracy,accuracy,score,score_tree,chosen\n",
+}
+
+
+def _tables(tmp_path, rows: dict | None = None) -> dict:
+    """Write the three tables the Pareto front reads (header only unless ``rows``); their paths."""
+    (tmp_path / "plots").mkdir(exist_ok=True)
+    paths = {}
+    for key, header in TABLES.items():
+        paths[key] = str(tmp_path / "plots" / f"{key}.csv")
+        Path(paths[key]).write_text(header + "".join(line + "\n" for line in (rows or {}).get(key, [])))
+    return paths
+
+
 def _params(tmp_path, **cfg):
     base = {"metrics_dir": str(tmp_path / "metrics"), "summary": str(tmp_path / "metrics/summary.json"),
             "table": str(tmp_path / "reports/table1.md"), "table_csv": str(tmp_path / "plots/summary.csv"),
             "info_dir": str(tmp_path / "info"),
             "info": str(tmp_path / "info/report.json"), "claims": str(tmp_path / "reports/claims.md"),
-            "figure": str(tmp_path / "reports/stages.png")}
+            "figure": str(tmp_path / "reports/stages.png"), "pareto": str(tmp_path / "reports/pareto.png"),
+            "pareto_csv": str(tmp_path / "plots/pareto.csv"), **_tables(tmp_path)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {**base, **cfg}}))
     return tmp_path / "params.yaml"
 
@@ -155,3 +174,40 @@ def test_claims_say_why_no_exit_was_kept(tmp_path):
     assert "no exit kept: the best exit's score 0.006100 is above the network's own 0.006000" in rows[3]
     assert rows[3].endswith("| does not hold |")
     assert "no exit kept, so no exit was compared" in rows[4] and rows[4].endswith("| not measured |")
+
+
+def test_the_pareto_front_by_hand():
+    """On the front: no other network has a score at most its own and a higher accuracy, or a lower
+    score and the same accuracy (within 1e-6, the tables' rounding); without a score, not on it."""
+    def net(acc, score, tree=None):
+        return Point("prune", f"{acc}@{score}", acc, score, tree, False)
+
+    points = [net(0.80, 0.010, 0.008), net(0.79, 0.006, 0.005), net(0.79, 0.007, 0.004),
+              net(0.70, 0.003), net(0.7000004, 0.003), net(0.69, 0.0035)]
+    assert front(points, "score") == [True, True, False, True, True, False]
+    assert front(points, "score_tree") == [True, False, True, False, False, False]
+
+
+def test_the_report_draws_every_network_of_the_run_and_its_front(tmp_path):
+    _metrics(tmp_path, search=0.015, improve=0.014, prune=0.006, accelerate=0.005, quantize=0.0025)
+    rows = {"prune_rounds": ["0,0,0,0.5,0.52,0.014,0.013,no", "1,0.3,0.3,0.5,0.53,0.009,0.008,no",
+                             "2,0.5,0.5,0.5,0.50,0.006,0.005,yes"],
+            "accelerate_exits": ["2,0.85,0.5,0.50,0.0055,,no", "2,0.5,0.5,0.5,0.005,0.004,yes"],
+            "quantize_widths": ["W8A8,0.5,0.5,0.0025,0.002,yes", "W4A4,0.4,0.41,0.0015,0.0011,no"]}
+    params = _params(tmp_path)
+    _tables(tmp_path, rows)
+    report(read_config(params), params_file=str(params))
+    lines = (tmp_path / "plots/pareto.csv").read_text().splitlines()
+    assert lines[0] == "stage,label,accuracy,score,score_tree,chosen,front,front_tree"
+    table = [line.split(",") for line in lines[1:]]
+    # each stage's result (chosen), then the rows that are not the input (round 0) or a stage's result
+    assert [r[1] for r in table] == ["Searching", "Improving", "Pruning", "Accelerating", "Quantizing",
+                                     "pruning round 1 (30% sparse)", "exit after block 2 at threshold 0.85", "W4A4 QAT"]
+    front_strict = {r[1] for r in table if r[6] == "yes"}
+    assert front_strict == {"pruning round 1 (30% sparse)", "Quantizing", "W4A4 QAT"}, table
+    assert table[6][4] == "" and table[6][7] == "no"  # no adder-tree score recorded: not on that front
+    with Image.open(tmp_path / "reports/pareto.png") as image:
+        assert image.format == "PNG" and image.size[0] > 1000  # two panels
+    (tmp_path / "plots/quantize_widths.csv").unlink()
+    with pytest.raises(Exception, match="quantize_widths.csv: not found"):
+        report(read_config(params), params_file=str(params))

@@ -69,6 +69,7 @@ class ThresholdPoint:
     score: float | None = None
     exit_ratio: float | None = None
     accuracy: float | None = None
+    score_tree: float | None = None  # the score with the adder-tree accounting (scoring.md)
 
 
 def threshold_point(exit_logits: dict, main_logits: dict, labels: dict, threshold: float,
@@ -82,7 +83,7 @@ def threshold_point(exit_logits: dict, main_logits: dict, labels: dict, threshol
         tpred, texit = simulate(exit_logits["test"], main_logits["test"], threshold)
         test = {"exit_ratio": float(texit.float().mean()), "accuracy": accuracy(tpred, labels["test"])}
     return ThresholdPoint(position, threshold, val_ratio, accuracy(vpred, labels["val"]),
-                          counted.get("ops"), counted.get("score"), **test)
+                          counted.get("ops"), counted.get("score"), **test, score_tree=counted.get("score_tree"))
 
 
 def sweep(exit_logits: dict, main_logits: dict, labels: dict, thresholds, cost: ExitCost | None = None,

@@ -120,7 +120,7 @@ def read_config(params_path: str | Path) -> dict:
 
 EXIT_TABLE_COLUMNS = ["position", "channels", "size", "path_ops_ratio", "added_params_ratio", "threshold",
                       "val_exit_ratio", "val_accuracy", "exit_ratio", "accuracy", "path_accuracy", "ops", "score",
-                      "chosen"]
+                      "score_tree", "chosen"]
 
 
 @dataclass
@@ -264,7 +264,7 @@ def table_row(trained: TrainedExit, point: ThresholdPoint, path_accuracy: float)
             "added_params_ratio": cost.exit_bytes / cost.main_bytes, "threshold": point.threshold,
             "val_exit_ratio": point.val_exit_ratio, "val_accuracy": point.val_accuracy,
             "exit_ratio": point.exit_ratio, "accuracy": point.accuracy, "path_accuracy": path_accuracy,
-            "ops": point.ops, "score": point.score}
+            "ops": point.ops, "score": point.score, "score_tree": point.score_tree}
 
 
 def _load_main(cfg: dict, params_file: str):

@@ -114,7 +114,7 @@ def select_round(rows: list[dict], reference: float, min_accuracy: float | None,
 
 
 ROUND_COLUMNS = ["round", "target", "sparsity", "select_accuracy", "accuracy", "accuracy_change", "params", "ops",
-                 "params_score", "ops_score", "score", "epochs", "seconds", "chosen"]
+                 "params_score", "ops_score", "score", "score_tree", "epochs", "seconds", "chosen"]
 
 
 @dataclass
@@ -150,7 +150,8 @@ class PruneRun:
         return {"round": k, "target": target, "sparsity": sparsity_value, "select_accuracy": acc_select,
                 "accuracy": acc_test, "accuracy_change": acc_test - self.ref_test if k else 0.0,
                 "params": s["params"], "ops": s["ops"], "params_score": s["params_score"],
-                "ops_score": s["ops_score"], "score": s["score"], "epochs": epochs, "seconds": 0.0}
+                "ops_score": s["ops_score"], "score": s["score"], "score_tree": s["score_tree"], "epochs": epochs,
+                "seconds": 0.0}
 
 
 def _prepare_run(cfg: dict, params_file: str, progress):

@@ -74,7 +74,7 @@ QAT_RECIPE = {"lr": 0.01, "momentum": 0.9, "nesterov": False, "weight_decay": 1e
               "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ghost_batch": 0, "augment": "none"}
 ELEMENTWISE_BITS = 16  # the elementwise products are not quantized (see the module's doc)
 WIDTH_COLUMNS = ["widths", "weight_bits", "act_bits", "val_accuracy", "accuracy", "exit_ratio", "threshold",
-                 "params_bytes", "ops", "score", "chosen"]
+                 "params_bytes", "ops", "score", "score_tree", "chosen"]
 
 
 def _layers(value) -> str | None:
@@ -411,7 +411,7 @@ def width_row(result: QuantResult, chosen: bool) -> dict:
     return {"widths": f"W{w.weight}A{w.act}", "weight_bits": w.weight, "act_bits": w.act,
             "val_accuracy": result.val_accuracy, "accuracy": result.accuracy,
             "exit_ratio": result.exit_ratio, "threshold": result.threshold, "params_bytes": s["params_bytes"],
-            "ops": s["ops"], "score": s["score"], "chosen": "yes" if chosen else "no"}
+            "ops": s["ops"], "score": s["score"], "score_tree": s["score_tree"], "chosen": "yes" if chosen else "no"}
 
 
 def onnx_check(run: QuantRun, result: QuantResult) -> tuple[dict, dict]:

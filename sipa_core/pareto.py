@@ -1,0 +1,136 @@
+"""The run's Pareto front: every network the run produced that has a test accuracy (each stage's
+result, each pruning round, each exit threshold, each width trained), against its MicroNet score
+under both accountings (strict 32-bit additions, and the 2019 entries' adder tree), the networks
+that no other network of the run beats on both axes marked. Search trials are left out: they are
+measured on validation only (the search's own figure, ``dvc plots show``).
+
+Every choice of the pipeline was made on validation; the front is drawn on test, after the fact,
+to show what the run produced, not to choose anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sipa_core.errors import SipaError
+
+TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating",
+          "quantize": "Quantizing"}
+COLUMNS = ["stage", "label", "accuracy", "score", "score_tree", "chosen", "front", "front_tree"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One network of the run: where it came from, its test accuracy and scores."""
+
+    stage: str
+    label: str
+    accuracy: float
+    score: float
+    score_tree: float | None
+    chosen: bool  # the stage's result
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def read_table(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        raise SipaError(f"{path}: not found; run the stage that writes it first")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _table_points(stage: str, rows: list[dict], label) -> list[Point]:
+    out = []
+    for r in rows:
+        acc, score = _number(r.get("accuracy")), _number(r.get("score"))
+        if acc is not None and score is not None:
+            out.append(Point(stage, label(r), acc, score, _number(r.get("score_tree")), r.get("chosen") == "yes"))
+    return out
+
+
+def _round_label(r: dict) -> str:
+    return f"pruning round {r['round']} ({float(r['sparsity']):.0%} sparse)"
+
+
+def _exit_label(r: dict) -> str:
+    return f"exit after block {r['position']} at threshold {float(r['threshold']):.2f}"  # no comma: a CSV cell
+
+
+def run_points(stage_metrics: dict[str, dict], tables: dict[str, Path]) -> list[Point]:
+    """Each stage's result, then the rows of the pruning, exit and width tables (``tables``: stage ->
+    its table, for the stages whose table is read)."""
+    points = [Point(s, TITLES[s], m["accuracy"], m["score"], m.get("score_tree"), True)
+              for s, m in stage_metrics.items() if m.get("accuracy") is not None]
+    labels = {"prune": _round_label, "accelerate": _exit_label, "quantize": lambda r: f"{r['widths']} QAT"}
+    for stage, path in tables.items():
+        rows = read_table(path)
+        if stage == "prune":
+            rows = [r for r in rows if r.get("round") not in ("0", 0)]  # round 0 is the input network
+        points += [p for p in _table_points(stage, rows, labels[stage]) if not p.chosen]  # chosen: the result
+    return points
+
+
+TIE = 1e-6  # accuracies within this are equal (the tables hold 6 significant digits)
+
+
+def _beats(q: Point, p: Point, key: str) -> bool:
+    """``q`` at most ``p``'s score with a higher accuracy, or a lower score and no lower accuracy."""
+    xq, xp = getattr(q, key), getattr(p, key)
+    return xq is not None and ((xq <= xp and q.accuracy > p.accuracy + TIE)
+                               or (xq < xp and q.accuracy >= p.accuracy - TIE))
+
+
+def front(points: list[Point], key: str = "score") -> list[bool]:
+    """Whether each point is on the front: no other point of the run beats it (``_beats``); a point
+    without that score is not."""
+    return [getattr(p, key) is not None and not any(_beats(q, p, key) for q in points) for p in points]
+
+
+def pareto_rows(points: list[Point]) -> list[dict]:
+    strict, tree = front(points, "score"), front(points, "score_tree")
+    return [{**asdict(p), "chosen": "yes" if p.chosen else "no", "front": "yes" if a else "no",
+             "front_tree": "yes" if b else "no"} for p, a, b in zip(points, strict, tree)]
+
+
+def pareto_figure(points: list[Point], references: list[str]) -> bytes:
+    """A PNG: test accuracy against score, one panel per accounting, the front as a step line and
+    each stage's result labelled; ``references`` (other data sets' figures) as a note under it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (heavy, only here)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    fig = Figure(figsize=(11, 4.8 + 0.16 * len(references)), dpi=110, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, title in zip(axes, ("score", "score_tree"),
+                              ("strict: additions at 32 bits", "additions by adder tree (the 2019 entries)")):
+        shown = [p for p in points if getattr(p, key) is not None]
+        for k, stage in enumerate(TITLES):
+            mine = [p for p in shown if p.stage == stage]
+            if mine:
+                ax.scatter([getattr(p, key) for p in mine], [100 * p.accuracy for p in mine], s=22,
+                           color=f"C{k}", alpha=0.75, label=TITLES[stage])
+        best = sorted((p for p, on in zip(shown, front(shown, key)) if on), key=lambda p: getattr(p, key))
+        if best:
+            ax.step([getattr(p, key) for p in best], [100 * p.accuracy for p in best], where="post",
+                    color="black", lw=1, label="front")
+        for p in shown:
+            if p.chosen:
+                ax.annotate(p.label, (getattr(p, key), 100 * p.accuracy), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
+        ax.set(title=title, xlabel="MicroNet score (lower is better)", xscale="log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].legend(fontsize=7, loc="best")
+    if references:
+        fig.supxlabel("\n".join(references), fontsize=7, ha="left", x=0.01)
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
+    return buf.getvalue()
