@@ -17,6 +17,7 @@ import sipa_core.prune.stage as prune_stage
 import sipa_core.train as train_mod
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.checkpoint import load_model, save_model
+from sipa_core.errors import SipaError
 from sipa_core.lineage import lineage_record
 from sipa_core.models import create_model
 from sipa_core.prune import gradual
@@ -24,7 +25,8 @@ from sipa_core.prune.gradual import zhu_gupta
 from sipa_core.prune.masks import (apply_masks, full_masks, layer_table, magnitude_masks, prunable, refresh_spec,
                                remove_filters, sparsity)
 from sipa_core.prune import prune, read_config, select_round
-from sipa_core.scoring import count
+from sipa_core.prune.cost import counted_score, masks_for_score, weight_costs
+from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, count
 from sipa_core.train import default_recipe, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +269,11 @@ def test_stage_filter_granularity_shrinks_the_network(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"schedule": []}, "prune.schedule: must list at least one"),
-    ({"schedule": [0.5, 0.3]}, "prune.schedule: targets must increase"),
+    ({"schedule": [0.5, 0.3]}, "prune.schedule: sparsity targets must increase"),
+    ({"schedule": [0.004, 0.005], "target": "score"}, "prune.schedule: score targets must decrease"),
+    ({"normalize": "score", "granularity": "filter"}, "prune.normalize: score needs granularity: weight"),
+    ({"target": "score", "method": "gradual"}, "prune.target: score needs method: rounds"),
+    ({"target": "ops"}, "prune.target"),
     ({"schedule": [0.5, 1.0]}, "prune.schedule: every target must be in (0, 1)"),
     ({"scope": "globl"}, "prune.scope"),
     ({"epochs": -1}, "prune.epochs"),
@@ -355,3 +361,87 @@ def test_gradual_method_prunes_in_one_run_and_resumes(tmp_path, monkeypatch):
     resumed, uninterrupted = load_model(other / "models/prune.pt")[0], load_model(whole / "models/prune.pt")[0]
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_weights_cost_in_the_score_by_hand():
+    """16 bits, strict accounting: a stored weight is 2 bytes; each use per example one multiply at
+    16/32 and one addition at 32/32 of an op: a 3x3 conv at 8x8 output uses each weight 64 times."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    costs = weight_costs(model, (3, 8, 8), 16)
+    assert costs["0.weight"].params == pytest.approx(2 / REFERENCE_BYTES)
+    assert costs["0.weight"].ops == pytest.approx(64 * 1.5 / REFERENCE_OPS)
+    assert costs["4.weight"].ops == pytest.approx(1.5 / REFERENCE_OPS)
+    assert costs["4.weight"].dead_zone(0.95) and not costs["4.weight"].dead_zone(0.93)  # sparse below 15/16
+    assert not costs["4.weight"].dead_zone(1.0)  # not pruned: nothing to save, nothing lost
+
+
+def _two_layers():
+    """Two 10x10 linear layers, equal in cost: A with 5 small weights, B with 30."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(10, 10), nn.Linear(10, 10))
+    with torch.no_grad():
+        for layer, small, value in ((model[1], 5, 0.001), (model[2], 30, 0.01)):
+            layer.weight.fill_(1.0)
+            layer.weight.view(-1)[:small] = value
+    return model
+
+
+def test_score_aware_pruning_leaves_a_tensor_it_would_prune_too_little_to_store_sparse():
+    """20 of 200 weights: by L2-normalised magnitude, A's 5 smallest and 15 of B's; but A at 95%
+    density is still stored dense (sparse only below 15/16 at 16 bits) and would save nothing, so
+    score-aware pruning leaves A whole and takes all 20 from B."""
+    model = _two_layers()
+    masks = full_masks(model)
+    l2 = magnitude_masks(model, masks, 0.1, normalize="l2")
+    assert (~l2["1.weight"]).sum() == 5 and (~l2["2.weight"]).sum() == 15
+    aware = magnitude_masks(model, masks, 0.1, normalize="score", costs=weight_costs(model, (10, 1, 1), 16))
+    assert aware["1.weight"].all() and (~aware["2.weight"]).sum() == 20
+    assert not aware["2.weight"].view(-1)[:20].any()  # B's smallest
+    with pytest.raises(SipaError, match="normalize: score needs"):
+        magnitude_masks(model, masks, 0.1, normalize="score")
+
+
+def test_score_aware_pruning_removes_the_expensive_weights_first():
+    """The conv's weights (4,096 uses per example) go before the classifier's (one use), though their
+    normalised magnitudes are larger: the ranking is magnitude per unit of counted score."""
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, bias=False), nn.AdaptiveAvgPool2d(8), nn.Flatten(),
+                          nn.Linear(64, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1 / 3)  # L2 norm 1: each normalised weight 1/3
+        model[3].weight.fill_(1 / 8)  # L2 norm 1: each 1/8, smaller than the conv's
+    masks = full_masks(model)
+    l2 = magnitude_masks(model, masks, 0.1, normalize="l2")
+    assert l2["0.weight"].all() and (~l2["3.weight"]).sum() == 7
+    costs = weight_costs(model, (1, 64, 64), 16)
+    assert costs["0.weight"].ops == pytest.approx(4096 * 1.5 / REFERENCE_OPS)
+    aware = magnitude_masks(model, masks, 0.1, normalize="score", costs=costs)
+    assert (~aware["0.weight"]).sum() == 7 and aware["3.weight"].all()
+
+
+def test_a_score_target_is_met_with_the_least_sparsity():
+    model = tiny_model()
+    masks, shape = full_masks(model), (3, 16, 16)
+    dense = counted_score(model, masks, shape, 16)
+    target = 0.6 * dense
+    costs = weight_costs(model, shape, 16)
+
+    def make(s):
+        return magnitude_masks(model, masks, s, normalize="score", costs=costs)
+
+    found, s = masks_for_score(make, model, target, 0.0, shape, 16)
+    assert counted_score(model, found, shape, 16) <= target < counted_score(model, make(s - 0.01), shape, 16)
+    with pytest.raises(SipaError, match="cannot be reached"):
+        masks_for_score(make, model, 1e-9, 0.0, shape, 16)
+
+
+def test_stage_prunes_to_score_targets(tmp_path):
+    dense = count(tiny_model(), (3, 16, 16)).summary()["score"]
+    targets = [round(0.7 * dense, 6), round(0.5 * dense, 6)]
+    params = _stage_params(tmp_path, schedule=targets, target="score", normalize="score")
+    m = prune(read_config(params), params_file=str(params), progress=False)
+    rows = [r.split(",") for r in (tmp_path / "plots/rounds.csv").read_text().splitlines()[1:]]
+    header = (tmp_path / "plots/rounds.csv").read_text().splitlines()[0].split(",")
+    score = header.index("score")
+    assert [float(r[header.index("target")]) for r in rows[1:]] == targets
+    assert all(float(r[score]) <= t for r, t in zip(rows[1:], targets))
+    assert m["chosen_round"] == 2 and m["score"] <= targets[-1]  # no requirement: the lowest score

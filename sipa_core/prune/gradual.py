@@ -31,9 +31,10 @@ class GradualPruner:
     zeros are the masks); ``pruning_epochs`` of the fit's epochs raise the sparsity, the rest
     fine-tune at ``final``."""
 
-    def __init__(self, initial: float, final: float, pruning_epochs: int, every: int, scope: str, normalize: str):
+    def __init__(self, initial: float, final: float, pruning_epochs: int, every: int, scope: str, normalize: str,
+                 costs=None):
         self.initial, self.final, self.pruning_epochs, self.every = initial, final, pruning_epochs, every
-        self.scope, self.normalize = scope, normalize
+        self.scope, self.normalize, self.costs = scope, normalize, costs  # costs: normalize score
         self.step, self.total, self.masks = 0, 0, None
 
     def begin(self, model: nn.Module, step: int, steps_per_epoch: int) -> None:
@@ -48,5 +49,5 @@ class GradualPruner:
         if self.step % self.every == 0 or self.step == self.total:
             if self.step <= self.total:
                 self.masks = magnitude_masks(model, self.masks, self.target(), scope=self.scope,
-                                             normalize=self.normalize)
+                                             normalize=self.normalize, costs=self.costs)
         apply_masks(model, self.masks)

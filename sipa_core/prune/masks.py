@@ -5,8 +5,9 @@ Two granularities:
 * ``weight``: unstructured masks over every weight tensor of more than one
   dimension (stem, expand, depthwise, SE, project, head, classifier). The
   scope is ``global`` (one threshold over all tensors, optionally after the
-  paper's layer-wise L2 normalisation) or ``layerwise`` (every tensor at the
-  same sparsity). Masks are boolean tensors keyed by parameter name; pruned
+  paper's layer-wise L2 normalisation, and with ``score`` that normalised
+  magnitude per unit of counted score: ``cost.py``) or ``layerwise`` (every
+  tensor at the same sparsity). Masks are boolean tensors keyed by parameter name; pruned
   weights are kept exactly zero by re-applying the masks after every
   optimizer step.
 * ``filter``: whole output channels are removed with torch-pruning, which
@@ -25,7 +26,7 @@ from torch import nn
 from sipa_core.errors import SipaError
 
 SCOPES = ("global", "layerwise")
-NORMALIZATIONS = ("none", "l2")
+NORMALIZATIONS = ("none", "l2", "score")
 GRANULARITIES = ("weight", "filter")
 
 
@@ -43,18 +44,24 @@ def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() != 0 for name, p in prunable(model).items()}
 
 
-def scores(model: nn.Module, masks: dict[str, torch.Tensor], normalize: str) -> dict[str, torch.Tensor]:
-    """|w| times the current mask; with ``l2``, divided by that masked tensor's L2 norm.
+def scores(model: nn.Module, masks: dict[str, torch.Tensor], normalize: str, costs=None) -> dict[str, torch.Tensor]:
+    """|w| times the current mask; with ``l2``, divided by that masked tensor's L2 norm; with
+    ``score``, that divided again by what one of its weights costs in the score (``costs``:
+    name -> ``cost.WeightCost``), so one threshold removes what buys least accuracy per score.
 
     The layer-wise normalisation puts every layer on the same scale before a
     global threshold, so small layers (depthwise, SE) are not emptied first.
     """
+    if normalize == "score" and costs is None:
+        raise SipaError("normalize: score needs each tensor's weight cost (prune.cost.weight_costs)")
     out = {}
     for name, p in prunable(model).items():
         s = p.detach().abs().float() * masks[name]
-        if normalize == "l2":
+        if normalize in ("l2", "score"):
             norm = s.norm(p=2)
             s = s / norm if norm > 0 else s
+        if normalize == "score":
+            s = s / costs[name].total
         out[name] = s
     return out
 
@@ -65,15 +72,19 @@ def _smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def magnitude_masks(model: nn.Module, masks: dict[str, torch.Tensor], target: float, *, scope: str = "global",
-                    normalize: str = "l2") -> dict[str, torch.Tensor]:
+                    normalize: str = "l2", costs=None) -> dict[str, torch.Tensor]:
     """New masks with a fraction ``target`` of the prunable weights removed.
 
     Cumulative: weights already masked score 0 and are the first to go, so a
-    round never revives what an earlier round removed.
+    round never revives what an earlier round removed. With ``normalize: score``,
+    a tensor the threshold would prune too little for sparse storage (it would save
+    nothing) is left as it is and the threshold found again without it.
     """
     if not 0 <= target < 1:
         raise SipaError(f"sparsity target must be in [0, 1), got {target}")
-    sc = scores(model, masks, normalize if scope == "global" else "none")
+    sc = scores(model, masks, normalize if scope == "global" else "none", costs)
+    if scope == "global" and normalize == "score":
+        return _score_aware(sc, masks, target, costs)
     new = {}
     if scope == "layerwise":
         for name, s in sc.items():
@@ -94,6 +105,33 @@ def magnitude_masks(model: nn.Module, masks: dict[str, torch.Tensor], target: fl
         new[n] = keep[offset:offset + size].view_as(sc[n])
         offset += size
     return new
+
+
+def _global_threshold(sc: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+    names = list(sc)
+    flat = torch.cat([sc[n].flatten() for n in names])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[_smallest(flat, round(target * flat.numel()))] = False
+    new, offset = {}, 0
+    for n in names:
+        size = sc[n].numel()
+        new[n] = keep[offset:offset + size].view_as(sc[n])
+        offset += size
+    return new
+
+
+def _score_aware(sc: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], target: float, costs) -> dict:
+    """One threshold over cost-normalised scores; tensors left in the dead zone are kept as they are
+    (what earlier rounds removed stays removed) and the threshold is found again."""
+    sc, kept = dict(sc), set()
+    while True:
+        new = _global_threshold(sc, target)
+        dead = [n for n, m in new.items() if n not in kept and costs[n].dead_zone(float(m.float().mean()))]
+        if not dead:
+            return new
+        kept.update(dead)
+        for n in dead:  # not pruned further: its kept weights rank last, what it lost stays lost
+            sc[n] = torch.where(masks[n], torch.full_like(sc[n], float("inf")), torch.zeros_like(sc[n]))
 
 
 @torch.no_grad()

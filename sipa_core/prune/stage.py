@@ -27,6 +27,7 @@ from sipa_core.lineage import input_lineage, refuse_trained_split
 from sipa_core.models import create_model
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, raw_section, refuse_keys
+from sipa_core.prune.cost import masks_for_score, weight_costs
 from sipa_core.prune.gradual import GradualPruner
 from sipa_core.prune.masks import (GRANULARITIES, NORMALIZATIONS, SCOPES, apply_masks, layer_table, magnitude_masks,
                                    masks_from_zeros, refresh_spec, remove_filters, sparsity)
@@ -47,9 +48,7 @@ def _schedule(value) -> str | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return "must be a list of numbers (cumulative sparsity targets)"
     if not all(0 < v < 1 for v in value):
-        return "every target must be in (0, 1): a fraction of the weights removed"
-    if any(b <= a for a, b in zip(value, value[1:])):
-        return "targets must increase (they are cumulative)"
+        return "every target must be in (0, 1): a fraction of the weights removed, or a score"
     return None
 
 
@@ -58,10 +57,15 @@ PRUNE_SCHEMA = {
                          help="weight: unstructured masks; filter: remove whole output channels"),
     "scope": Field(str, "global", choices=SCOPES, help="global: one threshold; layerwise: same sparsity everywhere"),
     "normalize": Field(str, "l2", choices=NORMALIZATIONS,
-                       help="global scope: divide each layer's |w| by its L2 norm first (the paper's)"),
+                       help="global scope: divide each layer's |w| by its L2 norm first (the paper's); score: "
+                            "then by what one of its weights costs in the score (score-aware, weight granularity)"),
+    "target": Field(str, "sparsity", choices=("sparsity", "score"),
+                    help="what the schedule lists: sparsities (rising) or strict MicroNet scores (falling; "
+                         "each round prunes weights until the counted score is at most its target)"),
     "preset": Field(str, None, nullable=True, choices=("paper",), help="paper: the paper's 11-round schedule"),
     "schedule": Field(list, [0.3, 0.5, 0.6], check=_schedule,
-                      help="cumulative sparsity targets, one per round (filter: fraction of channels)"),
+                      help="cumulative targets, one per round: sparsities (filter: fraction of channels), or "
+                           "scores with target: score"),
     "epochs": Field(int, 2, min=0, help="retraining epochs per round (gradual: the pruning epochs)"),
     "method": Field(str, "rounds", choices=("rounds", "gradual"),
                     help="rounds: the paper's prune-retrain rounds; gradual: Zhu-Gupta in one training run"),
@@ -89,6 +93,7 @@ def read_config(params_path: str | Path) -> dict:
                     why="prune.preset: paper sets the schedule; remove one of the two")
         cfg["schedule"] = list(PAPER_SCHEDULE)
     cfg["schedule"] = [float(v) for v in cfg["schedule"]]
+    _check_targets(cfg, params_path)
     if cfg["method"] == "gradual" and cfg["granularity"] != "weight":
         raise SipaError(f"{params_path}: prune.method: gradual prunes weights (granularity: weight), "
                         f"not {cfg['granularity']}s")
@@ -99,9 +104,24 @@ def read_config(params_path: str | Path) -> dict:
     return cfg
 
 
-def select_round(rows: list[dict], reference: float, min_accuracy: float | None, max_drop: float | None):
-    """The sparsest round meeting the requirement (None: none does). With no
-    requirement set, the last (sparsest) round."""
+def _check_targets(cfg: dict, params_path) -> None:
+    """Sparsity targets rise, score targets fall; score-aware pruning and score targets prune weights."""
+    rising = cfg["target"] == "sparsity"
+    if any((b <= a) if rising else (b >= a) for a, b in zip(cfg["schedule"], cfg["schedule"][1:])):
+        raise SipaError(f"{params_path}: prune.schedule: {cfg['target']} targets must "
+                        f"{'increase' if rising else 'decrease'} (they are cumulative)")
+    for key, value in (("normalize", "score"), ("target", "score")):
+        if cfg[key] == value and cfg["granularity"] != "weight":
+            raise SipaError(f"{params_path}: prune.{key}: {value} needs granularity: weight")
+    if cfg["target"] == "score" and cfg["method"] == "gradual":
+        raise SipaError(f"{params_path}: prune.target: score needs method: rounds (gradual pruning "
+                        f"follows a sparsity schedule)")
+
+
+def select_round(rows: list[dict], reference: float, min_accuracy: float | None, max_drop: float | None,
+                 by_score: bool = False):
+    """The sparsest round meeting the requirement (``by_score``: the lowest score; None: none
+    does). With no requirement set, the last (sparsest) round."""
     ok = []
     for row in rows:
         acc = row["select_accuracy"]
@@ -110,6 +130,8 @@ def select_round(rows: list[dict], reference: float, min_accuracy: float | None,
         if max_drop is not None and not acc >= reference - max_drop - 1e-12:
             continue
         ok.append(row)
+    if by_score:
+        return min(ok, key=lambda r: (r["score"], -r["round"])) if ok else None
     return max(ok, key=lambda r: (r["sparsity"], r["round"])) if ok else None
 
 
@@ -132,6 +154,7 @@ class PruneRun:
     ref_params: float = 0.0
     rows: list = field(default_factory=list)
     teacher: torch.nn.Module | None = None  # distillation (recipe.distill_weight > 0): the input network
+    costs: dict | None = None  # normalize or target score: each tensor's WeightCost (prune/cost.py)
 
     @property
     def fp16(self) -> bool:
@@ -172,12 +195,16 @@ def _prepare_run(cfg: dict, params_file: str, progress):
     recipe = check_recipe({**(meta.get("recipe") or {}), **cfg["recipe"], "epochs": cfg["epochs"],
                            "seed": cfg["seed"]}, file=params_file, section="prune.recipe")
     key_blob = {k: cfg[k] for k in ("granularity", "scope", "normalize", "schedule", "retrain", "seed", "method")}
+    if cfg["target"] != "sparsity":
+        key_blob["target"] = cfg["target"]
     if cfg["method"] == "gradual":
         key_blob.update(every=cfg["gradual_every"], finetune=cfg["gradual_finetune_epochs"])
     key = run_key({**key_blob, "recipe": recipe, "input": file_digest(source), "data": data.source,
                    "splits": lineage["splits"]})
     run = PruneRun(cfg, data, split, recipe, Path(cfg["state"]) / key, lineage)
     run.teacher = copy.deepcopy(model).eval() if recipe["distill_weight"] else None
+    if "score" in (cfg["normalize"], cfg["target"]):
+        run.costs = weight_costs(model, (3, *data.image_size), cfg["bits"])
     return run, model
 
 
@@ -185,7 +212,11 @@ def _prune_step(run: PruneRun, model, masks: dict, k: int, target: float):
     """Prune ``model`` to the round's cumulative target (masks, or whole filters removed)."""
     cfg = run.cfg
     if cfg["granularity"] == "weight":
-        return magnitude_masks(model, masks, target, scope=cfg["scope"], normalize=cfg["normalize"])
+        def make(s):
+            return magnitude_masks(model, masks, s, scope=cfg["scope"], normalize=cfg["normalize"], costs=run.costs)
+        if cfg["target"] == "score":
+            return masks_for_score(make, model, target, sparsity(model), (3, *run.data.image_size), cfg["bits"])[0]
+        return make(target)
     # Targets are cumulative fractions of the input's channels; each round removes the
     # fraction of the *current* channels that reaches the next target.
     prev = cfg["schedule"][k - 2] if k > 1 else 0.0
@@ -222,7 +253,7 @@ def _gradual(run: PruneRun, model, progress):
     epochs, then ``gradual_finetune_epochs`` at the final sparsity); masks kept after every step."""
     cfg = run.cfg
     pruner = GradualPruner(sparsity(model), cfg["schedule"][-1], cfg["epochs"], cfg["gradual_every"],
-                           cfg["scope"], cfg["normalize"])
+                           cfg["scope"], cfg["normalize"], run.costs)
     recipe = {**run.recipe, "epochs": cfg["epochs"] + cfg["gradual_finetune_epochs"]}
     trainee = configure_model(create_model(model.spec), recipe)
     trainee.load_state_dict(model.state_dict())
@@ -275,7 +306,8 @@ def prune(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None 
     for k, target in enumerate(schedule, start=1):
         model, masks, row = _run_round(run, model, masks, k, target, progress)
         rows.append(row)
-    chosen = select_round(rows[1:], input_row["select_accuracy"], cfg["min_accuracy"], cfg["max_drop"])
+    chosen = select_round(rows[1:], input_row["select_accuracy"], cfg["min_accuracy"], cfg["max_drop"],
+                          by_score=cfg["target"] == "score")
     if chosen is None:
         final, final_masks, chosen_round = load_model(cfg["model"])[0], {}, 0
     else:
@@ -313,12 +345,15 @@ def summary(cfg: dict, m: dict) -> str:
 
 
 def inactive(cfg: dict, raw: dict) -> list[str]:
-    """Keys set in the file that the chosen method does not use."""
+    """Keys set in the file that the chosen method or scope does not use."""
+    scope = ["prune.normalize: scope is layerwise (every tensor at the same sparsity)"] \
+        if cfg["scope"] == "layerwise" and "normalize" in raw else []
     if cfg["method"] == "rounds":
-        return [f"prune.{k}: method is rounds" for k in ("gradual_every", "gradual_finetune_epochs") if k in raw]
+        return scope + [f"prune.{k}: method is rounds" for k in ("gradual_every", "gradual_finetune_epochs")
+                        if k in raw]
     out = [f"prune.schedule: method gradual prunes to its last target only ({cfg['schedule'][-1]})"] \
         if len(cfg["schedule"]) > 1 else []
-    return out + (["prune.retrain: method gradual fine-tunes within its one run"] if "retrain" in raw else [])
+    return scope + out + (["prune.retrain: method gradual fine-tunes within its one run"] if "retrain" in raw else [])
 
 
 STAGE = Stage("prune", __doc__, read_config, prune, summary, inactive)
