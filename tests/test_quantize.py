@@ -2,6 +2,7 @@
 kept through QAT, the exit re-calibrated on validation, quantized checkpoints loaded
 and counted at their own widths, and bad input."""
 
+import copy
 import json
 import os
 import subprocess
@@ -16,9 +17,11 @@ import yaml
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.accelerate import accelerate, read_config as accelerate_config
 from sipa_core.checkpoint import load_model, save_model
+from sipa_core.errors import SipaError
 from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks, prunable
 from sipa_core.data.prepare import load_prepared
 from sipa_core.quantize.onnx_integer import integer_kernel_counts, session_and_warnings
+from sipa_core.quantize.allocate import allocate, layer_costs
 from sipa_core.quantize.qat import calibrate, float_twin, fold_batchnorm, quantize_modules
 from sipa_core.quantize.quantizers import Quantizers, input_kind, is_quantizer_parameter
 from sipa_core.quantize.stage import quantize, read_config
@@ -64,7 +67,7 @@ def _params(tmp_path, root, acc, **quant):
            "out": str(tmp_path / "models/q.pt"), "onnx": str(tmp_path / "models/q_onnx"),
            "state": str(tmp_path / "state"),
            "metrics": str(tmp_path / "metrics/q.json"), "info": str(tmp_path / "info/q.json"),
-           "table": str(tmp_path / "plots/q.csv"), **quant}
+           "table": str(tmp_path / "plots/q.csv"), "allocation": str(tmp_path / "plots/alloc.csv"), **quant}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump({"quantize": cfg}))  # the exit rule comes from the checkpoint, not params
     return path
@@ -165,6 +168,11 @@ def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, acceler
     ({"weight_scale": "lsq"}, "quantize.weight_scale"),
     ({"scale_lr": 0}, "quantize.scale_lr: must be > 0"),
     ({"recipe": {"distill_weight": 1.5}}, "quantize.recipe.distill_weight: must be <= 1"),
+    ({"layer_widths": "allocated"}, "quantize.layer_widths: allocated needs exactly one of budget"),
+    ({"layer_widths": "allocated", "budget": 0.01, "max_drop": 0.01}, "needs exactly one of budget"),
+    ({"layer_widths": "allocated", "budget": 0.01, "layers": {"stem": [8, 8]}},
+     "quantize.layers: per-layer widths are set by hand or allocated"),
+    ({"layer_widths": "allocated", "budget": 0.01, "width_choices": [8, 1]}, "quantize.width_choices"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, accelerated, change, message, run_script):
     root, acc = accelerated
@@ -174,6 +182,14 @@ def test_bad_params_exit_2_naming_the_key(tmp_path, accelerated, change, message
     assert message in err and str(params) in err, err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "models").exists()
+
+
+def test_a_budget_below_every_allocation_is_refused_before_measuring(tmp_path, accelerated, run_script):
+    root, acc = accelerated
+    params = _params(tmp_path, root, acc, layer_widths="allocated", budget=1e-9)
+    code, _, err = run_script(ROOT / "stages/quantize.py", "--params", params, cwd=tmp_path)
+    assert code == 2 and f"{params}: quantize.budget: 1e-09 is below the cheapest allocation" in err, err
+    assert not list((tmp_path / "state").glob("drops-*.json")) and not (tmp_path / "models").exists()
 
 
 def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run_script):
@@ -267,3 +283,56 @@ def test_quantizer_parameters_get_their_own_rate_without_decay():
                                              (-2.0, 2.5, "signed"), (-0.28, 0.4, "signed"), (-5.0, 0.0, "signed")])
 def test_each_input_range_gets_the_quantizer_that_fits_it(low, high, kind):
     assert input_kind(low, high) == kind
+
+
+def test_the_allocation_is_the_exact_integer_program_by_hand():
+    """Two layers, widths 8 or 4: costs and drops chosen so that greedy and exact differ."""
+    costs = {("a", 8): 4.0, ("a", 4): 2.0, ("b", 8): 6.0, ("b", 4): 3.0}
+    drops = {("a", 8): 0.0, ("a", 4): 0.01, ("b", 8): 0.0, ("b", 4): 0.05}
+    # budget 8 (fixed 1): a4 + b8 = 8 + 1 > 8... the options: a8b4 = 7 + 1 (drop .05), a4b4 = 5 + 1 (.06),
+    # a4b8 = 8 + 1 > 8: the least drop within budget is a8 b4
+    best = allocate(drops, costs, 1.0, budget=8.0)
+    assert best.widths == {"a": 8, "b": 4} and best.predicted_score == 8.0 and best.predicted_drop == 0.05
+    # the lowest score with summed drop at most 0.02: a4 b8 (score 9), not a8 b4 (drop .05)
+    cheap = allocate(drops, costs, 1.0, max_drop=0.02)
+    assert cheap.widths == {"a": 4, "b": 8} and cheap.predicted_score == 9.0
+    with pytest.raises(SipaError, match="quantize.budget: 5.0 is below the cheapest allocation"):
+        allocate(drops, costs, 1.0, budget=5.0)
+
+
+def test_layer_costs_add_up_to_the_counted_score(accelerated):
+    """Each layer's score at a width, plus the constant rest, is the whole network's counted score."""
+    root, _ = accelerated
+    model, _ = load_model(root / "prune.pt")
+    widths = BitWidths(8, 8, 32, (), 16)
+    costs, fixed = layer_costs(model, (3, 16, 16), [8, 4], widths)
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded)
+    layers = {n for n, _ in costs}
+    for bits in (8, 4):
+        whole = count(folded, (3, 16, 16), bits=BitWidths(bits, bits, 32, (), 16)).summary()["score"]
+        assert fixed + sum(costs[(n, bits)] for n in layers) == pytest.approx(whole, rel=1e-9)
+    mixed = BitWidths(8, 8, 32, (("stem", 4, 4),), 16)
+    whole = count(folded, (3, 16, 16), bits=mixed).summary()["score"]
+    assert fixed + sum(costs[(n, 4 if n.startswith("stem") else 8)] for n in layers) == pytest.approx(whole)
+
+
+@pytest.mark.slow  # sensitivity of every layer, then QAT
+def test_stage_allocates_widths_under_a_budget(tmp_path, accelerated):
+    root, acc = accelerated
+    model, _ = load_model(root / "acc.pt")
+    folded = copy.deepcopy(model)
+    fold_batchnorm(folded)
+    at = {b: count(folded, (3, 16, 16), bits=BitWidths(b, b, 32, (), 16)).summary()["score"] for b in (8, 4)}
+    budget = (at[8] + at[4]) / 2
+    params = _params(tmp_path, root, acc, layer_widths="allocated", width_choices=[8, 4], compare_widths=[],
+                     exit_epochs=0, epochs=1, budget=budget)
+    m = quantize(read_config(params), params_file=str(params), progress=False)
+    chosen = m["allocated_widths"]
+    assert set(chosen.values()) == {4, 8} and m["allocation_predicted_score"] <= budget
+    rows = (tmp_path / "plots/alloc.csv").read_text().splitlines()
+    assert rows[0] == "layer,bits,val_drop,score" and len(rows) == 1 + len(chosen)
+    saved, meta = load_model(tmp_path / "models/q.pt")
+    overrides = {p: (w, a) for p, w, a in BitWidths.from_dict(meta["quant"]["widths"]).overrides}
+    assert overrides == {n: (b, b) for n, b in chosen.items()}  # the checkpoint trained at them
+    assert list((tmp_path / "state").glob("drops-*.json"))  # a resumed run does not measure again

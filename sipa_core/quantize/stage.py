@@ -24,6 +24,7 @@ against score plot; the checkpoint is the one at ``weight_bits``/``act_bits``.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from dataclasses import dataclass, replace
@@ -35,11 +36,12 @@ from sipa_core.accelerate.exits import LOSS_FUNCTIONS, EarlyExitNetwork, ExitCos
 from sipa_core.accelerate.rule import ExitRule, ThresholdPoint, choose, sweep
 from sipa_core.checkpoint import save_model
 from sipa_core.errors import SipaError
-from sipa_core.io import atomic_write_bytes, atomic_write_csv, publish_metrics, publishing
+from sipa_core.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, publish_metrics, publishing
 from sipa_core.lineage import input_lineage, refuse_trained_split
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml, refuse_keys
 from sipa_core.prune.masks import apply_masks, masks_from_zeros, sparsity
+from sipa_core.quantize.allocate import Allocation, allocate, layer_costs, layer_drops
 from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions
 from sipa_core.quantize.onnx_integer import FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts
 from sipa_core.quantize.qat import (
@@ -102,6 +104,12 @@ def _schedule(value) -> str | None:
     return None
 
 
+def _choices(value) -> str | None:
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 16 for v in value):
+        return "must list widths, each an integer from 2 to 16"
+    return "lists a width twice" if len(set(value)) != len(value) else None
+
+
 def _labels(value) -> str | None:
     for label in value:
         if parse_label(label) is None:
@@ -140,6 +148,14 @@ QUANTIZE_SCHEMA = {
                       help="widths trained before the final ones, falling, e.g. [8, 6] (each caps weights and "
                            "activations from below; steps not above the final widths are skipped)"),
     "schedule_epochs": Field(int, 1, min=1, help="QAT epochs of each schedule step"),
+    "layer_widths": Field(str, "uniform", choices=("uniform", "allocated"),
+                          help="allocated: each layer's width chosen from width_choices under budget or max_drop "
+                               "(sensitivity on validation, exact per-layer cost, an integer program)"),
+    "width_choices": Field(list, [8, 6, 4], check=_choices, help="allocated: the widths a layer may take"),
+    "budget": Field(float, None, nullable=True, min=0, min_exclusive=True,
+                    help="allocated: the main network's score (add_bits accounting) at most this; least drop"),
+    "max_drop": Field(float, None, nullable=True, min=0, max=1,
+                      help="allocated: summed single-layer validation drops at most this; lowest score"),
     "compare_widths": Field(list, ["W4A8", "W4A4"], check=_labels,
                             help="other widths trained for the plot, e.g. [W4A8, W4A4]"),
     "seed": Field(int, 0, min=0),
@@ -161,11 +177,23 @@ def read_config(params_path: str | Path) -> dict:
     if cfg["schedule"]:
         check_recipe({**QAT_RECIPE, **cfg["recipe"], "epochs": cfg["schedule_epochs"], "stabilize_epochs": 0},
                      file=params_path, section="quantize.recipe (each schedule step)")
+    _check_allocation(cfg, params_path)
     try:
         cfg["widths"] = widths_of(cfg, cfg["weight_bits"], cfg["act_bits"])
     except SipaError as err:
         raise SipaError(f"{params_path}: quantize: {err}") from None
     return cfg
+
+
+def _check_allocation(cfg: dict, params_path) -> None:
+    if cfg["layer_widths"] != "allocated":
+        return
+    if (cfg["budget"] is None) == (cfg["max_drop"] is None):
+        raise SipaError(f"{params_path}: quantize.layer_widths: allocated needs exactly one of budget (a score) "
+                        f"and max_drop (a validation accuracy drop)")
+    if cfg["layers"]:
+        raise SipaError(f"{params_path}: quantize.layers: per-layer widths are set by hand or allocated "
+                        f"(layer_widths: allocated), not both")
 
 
 def widths_of(cfg: dict, weight: int, act: int) -> BitWidths:
@@ -371,7 +399,10 @@ def quantize_network(run: QuantRun, widths: BitWidths) -> QuantResult:
     """Quantize, train and calibrate at ``widths``; the networks and their test figures."""
     widths = replace(widths, unsigned=run.quantizers.unsigned())  # counted as the quantizers run
     key = run_key({**run.key, "widths": widths.as_dict()})
-    run_dir = Path(run.cfg["state"]) / f"{widths.label().replace(' ', '')}-{key}"
+    label = widths.label().replace(" ", "")
+    if len(label) > 80:  # allocated: a width per layer; the key tells the runs apart
+        label = f"W{widths.weight}A{widths.act}({len(widths.overrides)}layers)"
+    run_dir = Path(run.cfg["state"]) / f"{label}-{key}"
     main = _train_main(run, widths, run_dir)
     net = _train_exit(run, main, widths, run_dir) if run.exit_record is not None else None
     logits = {"main": {s: run.logits(main, s) for s in ("val", "test")}}
@@ -393,6 +424,45 @@ def quantize_network(run: QuantRun, widths: BitWidths) -> QuantResult:
     result.accuracy, result.summary = accuracy(tpred, run.labels("test")), cost.summary(ratio)
     result.test_predictions = tpred
     return result
+
+
+ALLOCATION_COLUMNS = ["layer", "bits", "val_drop", "score"]
+
+
+def allocate_widths(run: QuantRun) -> Allocation:
+    """Each layer's width under ``budget`` or ``max_drop`` (allocate.py): drops on validation, kept
+    in the state folder so a resumed run does not measure them again."""
+    cfg, data = run.cfg, run.data
+    x, y = data.split("val")
+    if not len(y):
+        raise SipaError(f"{run.params_file}: quantize.layer_widths: allocated measures each layer on the "
+                        f"validation split, but it is empty (prepare.val_size: 0)")
+    bs = run.recipe["eval_batch_size"]
+    validation = [(normalized(x[i:i + bs], data.mean, data.std), y[i:i + bs]) for i in range(0, len(y), bs)]
+    widths = replace(cfg["widths"], unsigned=run.quantizers.unsigned())
+    costs, fixed = layer_costs(run.main, (3, *data.image_size), cfg["width_choices"], widths)
+    if cfg["budget"] is not None:  # infeasible whatever the drops: say so before measuring them
+        try:
+            allocate({k: 0.0 for k in costs}, costs, fixed, budget=cfg["budget"])
+        except SipaError as err:
+            raise SipaError(f"{run.params_file}: {err}") from None
+    saved = Path(cfg["state"]) / f"drops-{run_key({**run.key, 'choices': cfg['width_choices']})}.json"
+    if saved.is_file():
+        drops = {(n, int(b)): d for n, b, d in json.loads(saved.read_text())}
+    else:
+        drops = layer_drops(run.main, cfg["width_choices"], widths, run.quantizers, run.batches(), validation)
+        atomic_write_json(saved, [[n, b, d] for (n, b), d in drops.items()])
+    try:
+        return allocate(drops, costs, fixed, budget=cfg["budget"], max_drop=cfg["max_drop"])
+    except SipaError as err:
+        raise SipaError(f"{run.params_file}: {err}") from None
+
+
+def allocation_metrics(allocation: Allocation | None) -> dict:
+    if allocation is None:
+        return {}
+    return {"allocated_widths": allocation.widths, "allocation_predicted_drop": allocation.predicted_drop,
+            "allocation_predicted_score": allocation.predicted_score}
 
 
 def input_accuracy(run: QuantRun) -> float:
@@ -475,16 +545,20 @@ def quantize(cfg: dict, *, params_file: str = "params.yaml", progress: bool | No
     started = time.time()
     run = _start(cfg, params_file, progress)
     baseline = input_accuracy(run)
-    results = [quantize_network(run, cfg["widths"])]
+    allocation = allocate_widths(run) if cfg["layer_widths"] == "allocated" else None
+    main_widths = cfg["widths"] if allocation is None else \
+        replace(cfg["widths"], overrides=tuple((n, b, b) for n, b in allocation.widths.items()))
+    results = [quantize_network(run, main_widths)]
     results += [quantize_network(run, widths_of(cfg, *parse_label(label))) for label in cfg["compare_widths"]]
     chosen = results[0]
-    metrics = _metrics(run, chosen, baseline)
+    metrics = {**_metrics(run, chosen, baseline), **allocation_metrics(allocation)}
     rows = [width_row(r, r is chosen) for r in results]
     onnx_files, onnx_metrics = onnx_check(run, chosen)
     metrics.update(onnx_metrics)
     with publishing(cfg["metrics"]):
         _save(run, chosen)
         atomic_write_csv(cfg["table"], rows, WIDTH_COLUMNS)
+        atomic_write_csv(cfg["allocation"], allocation.rows() if allocation else [], ALLOCATION_COLUMNS)
         _write_onnx(Path(cfg["onnx"]), onnx_files)
     _drop_stale_onnx(Path(cfg["onnx"]), onnx_files)
     metrics.update(provenance(seed=cfg["seed"], device=run.recipe["device"], started=started))
@@ -502,6 +576,12 @@ def summary(cfg: dict, m: dict) -> str:
 
 def inactive(cfg: dict, raw: dict) -> list[str]:
     """Keys set in the file that these settings do not use."""
+    out = [f"quantize.{k}: layer_widths is uniform" for k in ("width_choices", "budget", "max_drop")
+           if k in raw and cfg["layer_widths"] == "uniform"]
+    return out + _inactive_schedule(cfg, raw)
+
+
+def _inactive_schedule(cfg: dict, raw: dict) -> list[str]:
     if not cfg["schedule"]:
         return ["quantize.schedule_epochs: schedule is empty (QAT trains at the final widths only)"] \
             if "schedule_epochs" in raw else []
