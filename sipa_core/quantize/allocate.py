@@ -64,8 +64,8 @@ def layer_costs(model: nn.Module, input_shape, choices, widths: BitWidths) -> tu
         for n in layers:
             row = table.get(n, {"params_bytes": 0.0, "total_ops": 0.0})
             costs[(n, bits)] = row["params_bytes"] / REFERENCE_BYTES + row["total_ops"] / REFERENCE_OPS
-        rest = result.summary()["score"] - sum(costs[(n, bits)] for n in layers)
-        fixed = rest if fixed is None else fixed
+        if fixed is None:  # the rest is counted alike at every width: the first width's will do
+            fixed = result.summary()["score"] - sum(costs[(n, bits)] for n in layers)
     return costs, fixed
 
 

@@ -57,8 +57,8 @@ def sixteen_bit(model: nn.Module) -> nn.Module:
     block's pooling and sigmoid) are rounded where that module returns."""
     clone = copy.deepcopy(model)
     integer = [name for name, m in clone.named_modules() if integer_weights(m)]
-    biases = {f"{n}.bias" for n in integer}
-    round_to_fp16(clone, keep=lambda name: name.startswith(tuple(f"{n}." for n in integer)) and name not in biases)
+    biases, kept = {f"{n}.bias" for n in integer}, tuple(f"{n}." for n in integer)
+    round_to_fp16(clone, keep=lambda name: name.startswith(kept) and name not in biases)
     # A Brevitas layer's quantizers pass QuantTensors between them: rounded where the layer returns.
     inside = tuple(f"{n}." for n, m in clone.named_modules() if hasattr(m, "weight_quant"))
     clone.register_forward_pre_hook(lambda _m, args: _to_fp16(args))
