@@ -45,16 +45,23 @@ VARIANTS = {  # name -> (what it changes, quantize overrides on top of TODAY)
                      {"act_quantizers": "fitted", "weight_scale": "learned", "scale_lr": 1e-3,
                       "recipe": {"distill_weight": 0.5}, "layers": FIRST_LAST_8, "epochs": 8,
                       "schedule": [8, 6], "schedule_epochs": 1}),
+    "allocated": ("fitted inputs, one width per layer from 8/6/4/2 at the uniform widths' score (--budgets)",
+                  {"act_quantizers": "fitted", "layer_widths": "allocated", "width_choices": [8, 6, 4, 2]}),
 }
 COLUMNS = ["variant", "widths", "epochs", "val_accuracy", "accuracy", "input_accuracy", "accuracy_change",
-           "main_accuracy_fp32", "score", "score_tree", "what"]
+           "main_accuracy_fp32", "score", "score_tree", "what", "allocated_widths"]
 
 
-def variant_params(base: dict, name: str, label: str, model: str, folder: Path) -> dict:
-    """The quantize section of one run: the base section, today's quantizers, the variant's changes."""
+def variant_params(base: dict, name: str, label: str, model: str, folder: Path, budget: float | None = None) -> dict:
+    """The quantize section of one run: the base section, today's quantizers, the variant's changes
+    (``allocated``: under ``budget``, the uniform widths' score)."""
     what, overrides = VARIANTS[name]
     w, a = (int(v) for v in label[1:].split("A"))
     cfg = {**base, **TODAY, **overrides, "weight_bits": w, "act_bits": a, "compare_widths": [], "model": model}
+    if name == "allocated":
+        if budget is None:
+            raise SystemExit(f"quantize_ablation: allocated at {label} needs --budgets {label}=SCORE")
+        cfg["budget"] = budget
     cfg["recipe"] = {**base.get("recipe", {}), **overrides.get("recipe", {})}
     cfg.update({key: str(folder / rel) for key, rel in (
         ("out", "q.pt"), ("onnx", "onnx"), ("state", "state"), ("metrics", "metrics.json"),
@@ -65,7 +72,7 @@ def variant_params(base: dict, name: str, label: str, model: str, folder: Path) 
 def run_variant(params: dict, name: str, label: str, args) -> dict:
     folder = Path(args.workdir) / f"{name}-{label}"
     metrics = folder / "metrics.json"
-    cfg = variant_params(params.get("quantize", {}), name, label, args.model, folder)
+    cfg = variant_params(params.get("quantize", {}), name, label, args.model, folder, args.budgets.get(label))
     if not metrics.exists():
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "params.yaml").write_text(yaml.safe_dump({**params, "quantize": cfg}, sort_keys=False))
@@ -77,7 +84,7 @@ def run_variant(params: dict, name: str, label: str, args) -> dict:
     steps = schedule_steps(read, read["widths"])[:-1]  # the steps trained before the final widths
     epochs = read["epochs"] + read["schedule_epochs"] * len(steps)
     return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
-            **{k: m.get(k) for k in COLUMNS if k in m}}
+            **{k: m.get(k) for k in COLUMNS if k in m}, "allocated_widths": m.get("allocated_widths")}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -98,8 +105,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--widths", nargs="+", default=["W4A4", "W4A8"])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--budgets", nargs="*", default=[], metavar="WIDTHS=SCORE",
+                    help="allocated: the score budget per widths label, e.g. W4A8=0.001667 (the uniform run's score)")
     ap.add_argument("--out", required=True, help="markdown table (a CSV beside it)")
     args = ap.parse_args(argv)
+    args.budgets = {label: float(score) for label, score in (b.split("=") for b in args.budgets)}
     params = yaml.safe_load(Path(args.params).read_text())
     rows = [run_variant(params, name, label, args) for label in args.widths for name in args.variants]
     out = Path(args.out)
