@@ -84,7 +84,8 @@ def run_variant(params: dict, name: str, label: str, args) -> dict:
     steps = schedule_steps(read, read["widths"])[:-1]  # the steps trained before the final widths
     epochs = read["epochs"] + read["schedule_epochs"] * len(steps)
     return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
-            **{k: m.get(k) for k in COLUMNS if k in m}, "allocated_widths": m.get("allocated_widths")}
+            **{k: m.get(k) for k in COLUMNS if k in m},
+            "allocated_widths": json.loads((folder / "info.json").read_text()).get("allocated_widths")}
 
 
 def markdown(rows: list[dict]) -> str:
