@@ -47,6 +47,9 @@ VARIANTS = {  # name -> (what it changes, quantize overrides on top of TODAY)
                       "schedule": [8, 6], "schedule_epochs": 1}),
     "allocated": ("fitted inputs, one width per layer from 8/6/4/2 at the uniform widths' score (--budgets)",
                   {"act_quantizers": "fitted", "layer_widths": "allocated", "width_choices": [8, 6, 4, 2]}),
+    "allocated_distill": ("allocated as above, distillation, 10 epochs",
+                          {"act_quantizers": "fitted", "layer_widths": "allocated", "width_choices": [8, 6, 4, 2],
+                           "recipe": {"distill_weight": 0.5}, "epochs": 10}),
 }
 COLUMNS = ["variant", "widths", "epochs", "val_accuracy", "accuracy", "input_accuracy", "accuracy_change",
            "main_accuracy_fp32", "score", "score_tree", "what", "allocated_widths"]
@@ -58,7 +61,7 @@ def variant_params(base: dict, name: str, label: str, model: str, folder: Path, 
     what, overrides = VARIANTS[name]
     w, a = (int(v) for v in label[1:].split("A"))
     cfg = {**base, **TODAY, **overrides, "weight_bits": w, "act_bits": a, "compare_widths": [], "model": model}
-    if name == "allocated":
+    if name.startswith("allocated"):
         if budget is None:
             raise SystemExit(f"quantize_ablation: allocated at {label} needs --budgets {label}=SCORE")
         cfg["budget"] = budget
