@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from sipa_core.io import atomic_write_csv, atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = {"l2": "global |w| / layer L2 norm (the paper's)", "score": "score-aware (|w| / L2 / cost of a weight)",
             "none": "global |w|"}
@@ -77,12 +79,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     params = yaml.safe_load(Path(args.params).read_text())
     rows = [row for criterion in args.criteria for row in run_criterion(params, criterion, args)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        csv.DictWriter(f, COLUMNS).writeheader()
-        csv.DictWriter(f, COLUMNS).writerows(rows)
+    out = atomic_write_text(args.out, markdown(rows))
+    atomic_write_csv(out.with_suffix(".csv"), rows, COLUMNS)
     print(out.read_text())
     return 0
 

@@ -14,7 +14,6 @@ data; nothing here chooses anything.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from sipa_core.io import atomic_write_csv, atomic_write_text
 from sipa_core.quantize.stage import read_config, schedule_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,8 @@ def run_variant(params: dict, name: str, label: str, args) -> dict:
     epochs = read["epochs"] + read["schedule_epochs"] * len(steps)
     return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
             **{k: m.get(k) for k in COLUMNS if k in m},
-            "allocated_widths": json.loads((folder / "info.json").read_text()).get("allocated_widths")}
+            "allocated_widths": " ".join(f"{n}:{b}" for n, b in (json.loads((folder / "info.json").read_text())
+                                                                .get("allocated_widths") or {}).items())}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -116,12 +117,8 @@ def main(argv=None) -> int:
     args.budgets = {label: float(score) for label, score in (b.split("=") for b in args.budgets)}
     params = yaml.safe_load(Path(args.params).read_text())
     rows = [run_variant(params, name, label, args) for label in args.widths for name in args.variants]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows))
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        csv.DictWriter(f, COLUMNS).writeheader()
-        csv.DictWriter(f, COLUMNS).writerows(rows)
+    out = atomic_write_text(args.out, markdown(rows))
+    atomic_write_csv(out.with_suffix(".csv"), rows, COLUMNS)
     print(out.read_text())
     return 0
 
