@@ -14,6 +14,7 @@ data; nothing here chooses anything.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from sipa_core.io import atomic_write_csv, atomic_write_text
+from sipa_core.io import atomic_write_text
 from sipa_core.quantize.stage import read_config, schedule_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,10 @@ def main(argv=None) -> int:
     params = yaml.safe_load(Path(args.params).read_text())
     rows = [run_variant(params, name, label, args) for label in args.widths for name in args.variants]
     out = atomic_write_text(args.out, markdown(rows))
-    atomic_write_csv(out.with_suffix(".csv"), rows, COLUMNS)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:  # quoted: the descriptions hold commas
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
     print(out.read_text())
     return 0
 
