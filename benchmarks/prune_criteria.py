@@ -9,22 +9,21 @@ tree). Every round reaches its target score, so the rows of one target compare t
 score; nothing here chooses anything.
 
     python benchmarks/prune_criteria.py --params params.yaml --model models/improve.pt \\
-        --workdir criteria --targets 0.005 0.0038 0.003 0.0024 --out criteria/table.md
+        --workdir criteria --targets 0.0045 0.0033 0.0026 --out criteria/table.md
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from quantize_ablation import run_stage_once  # benchmarks/ (the script's folder)
 from sipa_core.io import atomic_write_csv, atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = {"l2": "global |w| / layer L2 norm (the paper's)", "score": "score-aware (|w| / L2 / cost of a weight)",
             "none": "global |w|"}
 COLUMNS = ["criterion", "round", "target", "sparsity", "select_accuracy", "accuracy", "accuracy_change", "params",
@@ -43,15 +42,9 @@ def criterion_params(base: dict, criterion: str, targets: list[float], model: st
 
 def run_criterion(params: dict, criterion: str, args) -> list[dict]:
     folder = Path(args.workdir) / criterion
-    table = folder / "rounds.csv"
-    if not (folder / "metrics.json").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = criterion_params(params.get("prune", {}), criterion, args.targets, args.model, folder)
-        (folder / "params.yaml").write_text(yaml.safe_dump({**params, "prune": cfg}, sort_keys=False))
-        print(f"{criterion}: running", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "stages/prune.py"), "--params", str(folder / "params.yaml")],
-                       check=True)
-    with open(table, newline="") as f:
+    run_stage_once("prune", params, criterion_params(params.get("prune", {}), criterion, args.targets, args.model,
+                                                     folder), folder)
+    with open(folder / "rounds.csv", newline="") as f:
         rounds = [r for r in csv.DictReader(f) if int(r["round"]) > 0]
     return [{"criterion": criterion, **{k: r.get(k, "") for k in COLUMNS[1:]}} for r in rounds]
 

@@ -73,24 +73,30 @@ def variant_params(base: dict, name: str, label: str, model: str, folder: Path, 
     return cfg
 
 
+def run_stage_once(stage: str, params: dict, section: dict, folder: Path) -> None:
+    """``stages/<stage>.py`` on ``params`` with its section replaced, in ``folder``, unless the run
+    there finished (its ``metrics.json`` exists): a killed comparison resumes where it stopped."""
+    if (folder / "metrics.json").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump({**params, stage: section}, sort_keys=False))
+    print(f"{folder.name}: running", flush=True)
+    subprocess.run([sys.executable, str(ROOT / f"stages/{stage}.py"), "--params", str(folder / "params.yaml")],
+                   check=True)
+
+
 def run_variant(params: dict, name: str, label: str, args) -> dict:
     folder = Path(args.workdir) / f"{name}-{label}"
-    metrics = folder / "metrics.json"
     cfg = variant_params(params.get("quantize", {}), name, label, args.model, folder, args.budgets.get(label))
-    if not metrics.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "params.yaml").write_text(yaml.safe_dump({**params, "quantize": cfg}, sort_keys=False))
-        print(f"{name} {label}: running", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "stages/quantize.py"), "--params", str(folder / "params.yaml")],
-                       check=True)
-    m = json.loads(metrics.read_text())
+    run_stage_once("quantize", params, cfg, folder)
+    m = json.loads((folder / "metrics.json").read_text())
+    chosen = json.loads((folder / "info.json").read_text()).get("allocated_widths") or {}
     read = read_config(folder / "params.yaml")  # as the stage read it: defaults filled in
     steps = schedule_steps(read, read["widths"])[:-1]  # the steps trained before the final widths
     epochs = read["epochs"] + read["schedule_epochs"] * len(steps)
     return {"variant": name, "widths": label, "epochs": epochs, "what": VARIANTS[name][0],
             **{k: m.get(k) for k in COLUMNS if k in m},
-            "allocated_widths": " ".join(f"{n}:{b}" for n, b in (json.loads((folder / "info.json").read_text())
-                                                                .get("allocated_widths") or {}).items())}
+            "allocated_widths": " ".join(f"{n}:{b}" for n, b in chosen.items())}
 
 
 def markdown(rows: list[dict]) -> str:
