@@ -21,8 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from quantize_ablation import run_stage_once  # benchmarks/ (the script's folder)
 from sipa_core.io import atomic_write_csv, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by the docs' tests
+
+from quantize_ablation import run_stage_once  # noqa: E402
 
 CRITERIA = {"l2": "global |w| / layer L2 norm (the paper's)", "score": "score-aware (|w| / L2 / cost of a weight)",
             "none": "global |w|"}
