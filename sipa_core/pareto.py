@@ -101,6 +101,35 @@ def pareto_rows(points: list[Point]) -> list[dict]:
              "front_tree": "yes" if b else "no"} for p, a, b in zip(points, strict, tree)]
 
 
+SPAN = 15.0  # percentage points of test accuracy a figure shows below its best network
+
+
+def accuracy_range(accuracies: list[float]) -> tuple[float, float]:
+    """A figure's test-accuracy range (%): its networks within ``SPAN`` points of the best, with a
+    point of margin, so an untrained search result far below does not squeeze the rest together."""
+    if not accuracies:
+        return 0.0, 100.0
+    top = max(accuracies)
+    return min(a for a in accuracies if a >= top - SPAN) - 1.0, top + 1.0
+
+
+def place(accuracy: float, label: str, floor: float) -> tuple[float, str, str]:
+    """Where a network is drawn: its accuracy, or on the floor of the range (marker ``v``, its accuracy
+    in the label) when it lies below; returns (y, marker, label)."""
+    if accuracy >= floor:
+        return accuracy, "o", label
+    return floor + 0.3, "v", f"{label} ({accuracy:.1f}%, below)"
+
+
+def merge_labels(marks: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """Labels of networks drawn at the same place joined into one (a stage that passed its input
+    through sits on its input): [(x, y, label)] in first-seen order."""
+    merged: dict[tuple[float, float], list[str]] = {}
+    for x, y, label in marks:
+        merged.setdefault((round(x, 9), round(y, 3)), []).append(label)
+    return [(x, y, " = ".join(labels)) for (x, y), labels in merged.items()]
+
+
 def pareto_figure(points: list[Point], references: list[str]) -> bytes:
     """A PNG: test accuracy against score, one panel per accounting, the front as a step line and
     each stage's result labelled; ``references`` (other data sets' figures) as a note under it."""
@@ -109,23 +138,23 @@ def pareto_figure(points: list[Point], references: list[str]) -> bytes:
 
     fig = Figure(figsize=(11, 4.8 + 0.16 * len(references)), dpi=110, layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
+    floor, top = accuracy_range([100 * p.accuracy for p in points])
     for ax, key, title in zip(axes, ("score", "score_tree"),
                               ("strict: additions at 32 bits", "additions by adder tree (the 2019 entries)")):
         shown = [p for p in points if getattr(p, key) is not None]
-        for k, stage in enumerate(TITLES):
-            mine = [p for p in shown if p.stage == stage]
-            if mine:
-                ax.scatter([getattr(p, key) for p in mine], [100 * p.accuracy for p in mine], s=22,
-                           color=f"C{k}", alpha=0.75, label=TITLES[stage])
+        _scatter_stages(ax, shown, key, floor)
         best = sorted((p for p, on in zip(shown, front(shown, key)) if on), key=lambda p: getattr(p, key))
         if best:
             ax.step([getattr(p, key) for p in best], [100 * p.accuracy for p in best], where="post",
                     color="black", lw=1, label="front")
-        for p in shown:
-            if p.chosen:
-                ax.annotate(p.label, (getattr(p, key), 100 * p.accuracy), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
-        ax.set(title=title, xlabel="MicroNet score (lower is better)", xscale="log")
+        marks = []
+        for p in (p for p in shown if p.chosen):
+            y, _, label = place(100 * p.accuracy, p.label, floor)
+            marks.append((getattr(p, key), y, label))
+        for k, (x, y, label) in enumerate(merge_labels(marks)):  # labels alternate above and below
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 if k % 2 == 0 else -10),
+                        fontsize=7)
+        ax.set(title=title, xlabel="MicroNet score (lower is better)", xscale="log", ylim=(floor, top))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend(fontsize=7, loc="best")
@@ -134,3 +163,16 @@ def pareto_figure(points: list[Point], references: list[str]) -> bytes:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
     return buf.getvalue()
+
+
+def _scatter_stages(ax, shown: list[Point], key: str, floor: float) -> None:
+    """Each stage's networks in its colour; those below the range on its floor as ``v``."""
+    for k, stage in enumerate(TITLES):
+        mine = [p for p in shown if p.stage == stage]
+        placed = [(getattr(p, key), *place(100 * p.accuracy, p.label, floor)[:2]) for p in mine]
+        for marker in ("o", "v"):
+            drawn = [(x, y) for x, y, m in placed if m == marker]
+            if drawn:  # one legend entry per stage
+                first = marker == "o" or not any(m == "o" for _, _, m in placed)
+                ax.scatter(*zip(*drawn), s=22, marker=marker, color=f"C{k}", alpha=0.75,
+                           label=TITLES[stage] if first else None)

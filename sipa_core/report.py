@@ -16,7 +16,8 @@ from pathlib import Path
 
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, publish_metrics
-from sipa_core.pareto import COLUMNS as PARETO_COLUMNS, pareto_figure, pareto_rows, run_points
+from sipa_core.pareto import (COLUMNS as PARETO_COLUMNS, accuracy_range, merge_labels, pareto_figure, pareto_rows,
+                              place, run_points)
 from sipa_core.paths import path_fields
 from sipa_core.params import Field, check_section, load_yaml
 from sipa_core.stage_runner import Stage
@@ -243,14 +244,20 @@ def stages_figure(rows: list[dict], references: list[dict]) -> bytes:
     for i, (title, points) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         shown = [r for r in points if r.get("accuracy") is not None]
-        xs, ys = [r["score"] for r in shown], [100 * r["accuracy"] for r in shown]
-        ax.plot(xs, ys, "-o", color="tab:blue" if i == 0 else "tab:gray", alpha=0.8)
-        for k, (r, x, y) in enumerate(zip(shown, xs, ys)):  # labels alternate above and below
-            ax.annotate(r["stage"].replace(" (paper)", ""), (x, y), textcoords="offset points",
-                        xytext=(5, 4 if k % 2 == 0 else -11), fontsize=8)
+        floor, top = accuracy_range([100 * r["accuracy"] for r in shown])
+        placed = [(r["score"], *place(100 * r["accuracy"], r["stage"].replace(" (paper)", ""), floor))
+                  for r in shown]
+        colour = "tab:blue" if i == 0 else "tab:gray"
+        ax.plot([x for x, *_ in placed], [y for _, y, *_ in placed], "-", color=colour, alpha=0.8)
+        for x, y, marker, _ in placed:
+            ax.plot(x, y, marker, color=colour, alpha=0.8)
+        for k, (x, y, label) in enumerate(merge_labels([(x, y, label) for x, y, _, label in placed])):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 if k % 2 == 0 else -11),
+                        fontsize=8)  # labels alternate above and below
         ax.set(title=title, xlabel="MicroNet score (lower is better)", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.margins(x=0.25, y=0.15)
+        ax.margins(x=0.25)
+        ax.set_ylim(floor, top)
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf, metadata={"Software": None})
     return buf.getvalue()

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from sipa_core.pareto import Point, front
+from sipa_core.pareto import Point, accuracy_range, front, merge_labels, place
 from sipa_core.report import read_config, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,18 @@ def test_the_pareto_front_by_hand():
               net(0.70, 0.003), net(0.7000004, 0.003), net(0.69, 0.0035)]
     assert front(points, "score") == [True, True, False, True, True, False]
     assert front(points, "score_tree") == [True, False, True, False, False, False]
+
+
+def test_a_figure_shows_the_networks_near_the_best_and_marks_those_far_below():
+    """An untrained search result (17.5%) does not stretch the range: it is drawn on the floor as v
+    with its accuracy; networks drawn at one place (a stage that passed its input on) share a label."""
+    floor, top = accuracy_range([76.5, 75.6, 69.1, 17.5])
+    assert (floor, top) == pytest.approx((68.1, 77.5))
+    assert place(69.1, "W4A4", floor) == (69.1, "o", "W4A4")
+    assert place(17.5, "Searching", floor) == pytest.approx((68.4, "v", "Searching (17.5%, below)"))
+    assert accuracy_range([]) == (0.0, 100.0)
+    marks = [(0.0033, 75.6, "Pruning"), (0.0033, 75.6, "Accelerating"), (0.0017, 75.4, "Quantizing")]
+    assert merge_labels(marks) == [(0.0033, 75.6, "Pruning = Accelerating"), (0.0017, 75.4, "Quantizing")]
 
 
 def test_the_report_draws_every_network_of_the_run_and_its_front(tmp_path):
