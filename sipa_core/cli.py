@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="widths of the layers a module-name pattern covers, e.g. stem=8 classifier=8:8 (repeatable)")
     s.add_argument("--uniform-sparsity", type=float, default=None, metavar="S",
                    help="count as if every weight tensor (ndim > 1) had sparsity S (planning estimate)")
+    s.add_argument("--global-sparsity", type=float, default=None, metavar="S",
+                   help="first remove a fraction S of the weights as the pruning stage does (global threshold on "
+                        "L2-normalised magnitudes), then count: what a global prune to S would score")
     s.add_argument("--num-classes", type=int, default=None, help="override the architecture's class count")
     s.add_argument("--input-size", type=int, default=None, help="data image size (default: the spec's)")
     s.add_argument("--layers", action="store_true", help="also show the per-layer table and block costs")

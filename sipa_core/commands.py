@@ -17,6 +17,7 @@ from sipa_core.errors import SipaError
 from sipa_core.models import ARCHITECTURES, create_model, create_spec
 from sipa_core.pipeline import check_params, inactive_keys, resolved_trainings
 from sipa_core.plan import format_plan, measure_throughput, plan
+from sipa_core.prune.masks import apply_masks, magnitude_masks, masks_from_zeros
 from sipa_core.quantize.qat import exit_widths, float_twin
 from sipa_core.scoring import BitWidths, count
 
@@ -95,6 +96,8 @@ def cmd_score(args) -> int:
         model = create_model(spec)
     size = args.input_size or model.spec.get("image_size", 32)
     name = model.spec.get("name") or args.arch or args.checkpoint
+    if args.global_sparsity is not None:
+        _prune_globally(args, model, exit_record)
     if exit_record is not None or args.exit_after is not None:
         return _score_with_exit(args, model, exit_record, size, name)
     result = count(model, (3, size, size), bits=bit_widths(args, model), uniform_sparsity=args.uniform_sparsity)
@@ -109,6 +112,21 @@ def cmd_score(args) -> int:
     else:
         print(format_report(result, name, args.layers))
     return 0
+
+
+def _prune_globally(args, model, exit_record) -> None:
+    """``--global-sparsity S``: the pruning stage's criterion (one global threshold on each layer's
+    |w| over its L2 norm, weights already zero first) applied to ``model`` in place."""
+    s = args.global_sparsity
+    clash = [flag for flag, on in (("--uniform-sparsity", args.uniform_sparsity is not None),
+                                   ("--exit-after", args.exit_after is not None),
+                                   ("a checkpoint with an exit", exit_record is not None),
+                                   ("a quantized checkpoint", hasattr(args, "checkpoint_quant"))) if on]
+    if clash:
+        raise SipaError(f"sipa score: --global-sparsity prunes a plain network; not with {clash[0]}")
+    if not 0 <= s < 1:
+        raise SipaError(f"sipa score: --global-sparsity must be in [0, 1), got {s}")
+    apply_masks(model, magnitude_masks(model, masks_from_zeros(model), s, scope="global", normalize="l2"))
 
 
 def _counted_at_own_widths(args, model, quant: dict):

@@ -14,6 +14,7 @@ from sipa_core.checkpoint import load_model, save_model
 from sipa_core.cli import main
 from sipa_core.errors import SipaError
 from sipa_core.models import create_model
+from sipa_core.prune.masks import apply_masks, magnitude_masks, masks_from_zeros
 
 
 def sipa_subprocess(*args):
@@ -61,6 +62,30 @@ def test_score_json_for_the_baseline():
     s = json.loads(p.stdout)
     assert s["params_score"] == pytest.approx(0.002833, abs=1e-6)
     assert s["ops_score"] == pytest.approx(0.003253, abs=1e-6)
+
+
+def test_score_after_a_global_prune_counts_what_the_pruning_stage_would_leave(tmp_path, sipa):
+    """--global-sparsity S: the pruning stage's masks (global, L2-normalised) at S, then counted; the
+    same count as a checkpoint pruned with those masks, and below the dense network's."""
+    torch.manual_seed(0)
+    model = create_model("sipa_baseline_32", num_classes=10)
+    save_model(tmp_path / "dense.pt", model)
+    pruned = create_model("sipa_baseline_32", num_classes=10)
+    pruned.load_state_dict(model.state_dict())
+    apply_masks(pruned, magnitude_masks(pruned, masks_from_zeros(pruned), 0.7, scope="global", normalize="l2"))
+    save_model(tmp_path / "pruned.pt", pruned)
+    scores = {}
+    for name, extra in (("dense", []), ("global", ["--global-sparsity", "0.7"]), ("pruned", [])):
+        p = sipa("score", "--checkpoint", str(tmp_path / f"{'pruned' if name == 'pruned' else 'dense'}.pt"),
+                 "--weight-bits", "4", "--act-bits", "8", "--json", *extra)
+        assert p.returncode == 0, p.stderr
+        scores[name] = json.loads(p.stdout)
+    assert scores["global"]["weight_sparsity"] == pytest.approx(0.7, abs=0.02)  # over every counted weight
+    assert scores["global"]["score"] == scores["pruned"]["score"] < 0.6 * scores["dense"]["score"]
+    assert_clean_failure(sipa("score", "--checkpoint", str(tmp_path / "dense.pt"), "--global-sparsity", "1"),
+                         "--global-sparsity must be in [0, 1)")
+    assert_clean_failure(sipa("score", "--arch", "sipa_baseline", "--global-sparsity", "0.5",
+                              "--uniform-sparsity", "0.5"), "not with --uniform-sparsity")
 
 
 def test_score_table_and_wrn(sipa):
