@@ -84,8 +84,8 @@ def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, ci
 # (The paper profile runs end to end under dvc in tests/test_gpu_check.py: benchmarks/toy_pipeline.py.)
 PROFILE_OVERRIDES = {
     "cpu": ["prepare.val_size=40", "prepare.images_per_class=12", "prepare.test_images_per_class=4",
-            "search.recipe.epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1",
-            "quantize.epochs=1", "quantize.exit_epochs=1"],
+            "search.recipe.epochs=1", "improve.final_epochs=1", "prune.epochs=1", "prune.gradual_finetune_epochs=1",
+            "accelerate.epochs=1", "quantize.epochs=1", "quantize.exit_epochs=1"],
     "quick": ["prepare.val_size=40", "prepare.images_per_class=12",  # the shipped CIFAR-10 subset
               "prepare.test_images_per_class=4", "search.max_evals=2", "search.recipe.epochs=1",
               "improve.trial_epochs=1", "improve.final_epochs=1", "prune.epochs=1", "accelerate.epochs=1",
