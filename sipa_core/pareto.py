@@ -170,9 +170,9 @@ def _scatter_stages(ax, shown: list[Point], key: str, floor: float) -> None:
     for k, stage in enumerate(TITLES):
         mine = [p for p in shown if p.stage == stage]
         placed = [(getattr(p, key), *place(100 * p.accuracy, p.label, floor)[:2]) for p in mine]
+        label = TITLES[stage]  # one legend entry per stage
         for marker in ("o", "v"):
             drawn = [(x, y) for x, y, m in placed if m == marker]
-            if drawn:  # one legend entry per stage
-                first = marker == "o" or not any(m == "o" for _, _, m in placed)
-                ax.scatter(*zip(*drawn), s=22, marker=marker, color=f"C{k}", alpha=0.75,
-                           label=TITLES[stage] if first else None)
+            if drawn:
+                ax.scatter(*zip(*drawn), s=22, marker=marker, color=f"C{k}", alpha=0.75, label=label)
+                label = None
