@@ -43,7 +43,7 @@ profile-paper: $(STAMP)
 	$(BIN)/python -m sipa_core.cli check-params profiles/paper.yaml
 	cp profiles/paper.yaml params.yaml
 
-# About an hour on 2 CPU cores, on the CIFAR-10 image folder: replaces params.yaml.
+# About 100 minutes on 2 CPU cores, on the CIFAR-10 image folder: replaces params.yaml.
 profile-cpu: $(STAMP)
 	$(BIN)/python -m sipa_core.cli check-params profiles/cpu.yaml
 	cp profiles/cpu.yaml params.yaml
