@@ -33,7 +33,7 @@ from sipa_core.runtime import record_teacher, record_training, resolve_device
 from sipa_core.train.augment import cutmix, make_policy, mixup, normalize, random_crop, random_flip, soft_targets
 from sipa_core.train.evaluation import channel_stats_tensor, evaluate
 from sipa_core.train.optim import build_optimizer
-from sipa_core.train.state import fingerprint, restore_state, save_state
+from sipa_core.train.state import fingerprint, load_model_state, read_state, restore_run, save_state
 
 
 class TrainingDiverged(SipaError):
@@ -279,11 +279,15 @@ def fit(model: nn.Module, data: PreparedData, recipe: dict, *, state_path: str |
     ``own_lr``: (which parameter names, learning rate) trained at their own rate without weight decay.
     """
     started = time.perf_counter()
+    state_path = Path(state_path) if state_path else None
+    params = list(params) if params is not None else None
+    state = read_state(state_path, fingerprint(model, data, recipe, tag))
+    if state is not None:  # the weights first: the optimizer and any wrapper then take the loaded parameters
+        params = load_model_state(model, state["model"], params)
     run = build_run(model, data, recipe, train_splits=train_splits, params=params, loss_fn=loss_fn,
                     after_step=after_step, tag=tag, teacher=teacher, own_lr=own_lr)
     total_epochs = recipe["epochs"] + recipe["stabilize_epochs"]
-    state_path = Path(state_path) if state_path else None
-    start_epoch, history = restore_state(state_path, run, desc, total_epochs)
+    start_epoch, history = restore_run(state, run, desc, total_epochs)
     if start_epoch:  # epochs an earlier process trained count toward what this result cost
         record_training(start_epoch * run.images_per_epoch, epochs=start_epoch)
         if run.teacher is not None:

@@ -37,15 +37,36 @@ def save_state(path: Path | None, run, epoch: int, history: list[dict]) -> None:
     })
 
 
-def restore_state(path: Path | None, run, desc: str, total_epochs: int) -> tuple[int, list[dict]]:
-    """Load the state of this run (same fingerprint) into ``run``; returns (epochs done, history)."""
+def read_state(path: Path | None, run_fingerprint: str) -> dict | None:
+    """The saved state of this run (same fingerprint), or None: absent, or another run's."""
     if path is None or not path.exists():
-        return 0, []
+        return None
     state = load_checkpoint(path, "training state")
     if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT
-            and state.get("fingerprint") == run.fingerprint):
+            and state.get("fingerprint") == run_fingerprint):
+        return None
+    return {**state, "path": str(path)}
+
+
+def load_model_state(model: nn.Module, weights: dict, params=None) -> list | None:
+    """Load a saved run's model weights *before* the optimizer and any wrapper take its parameters.
+    Some modules replace a parameter object when loading (Brevitas does for its activation scales
+    and zero points): an optimizer built earlier would go on holding the stale objects, those
+    parameters would stop training, and a resumed run would drift from an uninterrupted one.
+    ``params``, a subset of the model's parameters chosen before loading, is returned as the
+    model's parameters of the same names after it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    wanted = None if params is None else [names[id(p)] for p in params]
+    model.load_state_dict(weights)
+    current = dict(model.named_parameters())
+    return None if wanted is None else [current[n] for n in wanted]
+
+
+def restore_run(state: dict | None, run, desc: str, total_epochs: int) -> tuple[int, list[dict]]:
+    """The rest of a saved run (optimizer, scheduler, scaler, RNG states) into ``run``, its model
+    already loaded (``load_model_state``); returns (epochs done, history)."""
+    if state is None:
         return 0, []
-    run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.sched.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
@@ -55,5 +76,5 @@ def restore_state(path: Path | None, run, desc: str, total_epochs: int) -> tuple
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     epoch = int(state["epoch"])
     if epoch and run.rank == 0:
-        print(f"{desc}: resuming after epoch {epoch}/{total_epochs} from {path}", file=sys.stderr)
+        print(f"{desc}: resuming after epoch {epoch}/{total_epochs} from {state['path']}", file=sys.stderr)
     return epoch, list(state["history"])
