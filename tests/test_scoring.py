@@ -1,4 +1,5 @@
-"""The MicroNet scorer against the facts sheet's figures and torch's flop counter."""
+"""The MicroNet scorer against the authors' figures (their public code, Lee-Gihun/MicroNet_OSI-AI, and
+the official counting rules) and torch's flop counter."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sipa_core.errors import SipaError
 from sipa_core.models import create_model
-from sipa_core.scoring import REFERENCE_OPS, count, expected_ops
+from sipa_core.scoring import REFERENCE_OPS, UncountedOperator, count, expected_ops
 
 TOL = 1e-6
 
@@ -20,7 +21,7 @@ def baseline():
 
 
 def exit_module():
-    """The authors' exit after block 4 (15x15x48), facts sheet section 5."""
+    """The authors' exit after block 4 (15x15x48), as their public code builds it."""
     return nn.Sequential(
         nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False), nn.BatchNorm2d(48), nn.SiLU(),
         nn.Conv2d(48, 136, 1, bias=False), nn.BatchNorm2d(136), nn.SiLU(),
@@ -174,3 +175,25 @@ def test_counting_restores_training_mode(baseline):
     count(baseline, (3, 32, 32))
     assert baseline.training
     baseline.eval()
+
+
+class _Attention(nn.Module):
+    def forward(self, x):
+        q = x.flatten(2).transpose(1, 2)
+        return nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(x.shape)
+
+
+@pytest.mark.parametrize("layer, op", [
+    (nn.LayerNorm([8, 30, 30]), "native_layer_norm"),
+    (nn.GroupNorm(2, 8), "native_group_norm"),
+    (nn.Upsample(scale_factor=2, mode="bilinear"), "upsample_bilinear2d"),
+    (_Attention(), "bmm"),
+])
+def test_an_operator_without_a_rule_is_an_error_naming_it(layer, op):
+    """Once counted as free without a word (the score came out low by omission)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), layer, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    if op == "bmm":  # attention decomposes into counted matmuls and softmax: counted, not refused
+        assert count(model, (3, 32, 32)).mults > count(nn.Sequential(*list(model)[:1]), (3, 32, 32)).mults
+        return
+    with pytest.raises(UncountedOperator, match=f"no rule for operator '{op}' \\(in module 1\\)"):
+        count(model, (3, 32, 32))

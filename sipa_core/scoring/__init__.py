@@ -3,7 +3,7 @@
 from sipa_core.scoring.bits import BitWidths
 
 from sipa_core.scoring.counter import (REFERENCE_BYTES, REFERENCE_OPS, REFERENCE_PARAMS, BlockCost, CountResult,
-                                       OpCost, TensorCost, count, expected_ops)
+                                       OpCost, TensorCost, UncountedOperator, count, expected_ops)
 
 __all__ = ["BitWidths", "REFERENCE_BYTES", "REFERENCE_OPS", "REFERENCE_PARAMS", "BlockCost", "CountResult", "OpCost",
-           "TensorCost", "count", "expected_ops"]
+           "TensorCost", "UncountedOperator", "count", "expected_ops"]

@@ -1,4 +1,5 @@
-"""MicroNet counting of any ``torch.nn.Module`` (official rules, facts sheet section 2).
+"""MicroNet counting of any ``torch.nn.Module`` (the official rules and counting script,
+google-research/google-research ``micronet_challenge/counting.py``).
 
 The counter runs one forward pass on a single example under a
 ``TorchDispatchMode``, so it sees every dispatched tensor operation, the
@@ -28,9 +29,9 @@ Rules, per example:
 * a multiplication costs mul_bits / 32: the wider of weight and activation
   width for a convolution or matrix product, the activation width for an
   elementwise one; every addition costs add_bits / 32 (32: accumulators);
-* the adder-tree accounting (``add="tree"``, and ``"int"``; facts sheet
-  section 9), counted beside the strict one in ``summary()``'s ``*_tree``
-  keys: a quantized conv or linear layer's accumulation, per output element
+* the adder-tree accounting (``add="tree"``, and ``"int"``; the 2019 winner's
+  public counter, ``flops_utils_final.py``), counted beside the strict one in
+  ``summary()``'s ``*_tree`` keys: a quantized conv or linear layer's accumulation, per output element
   over the n nonzero weights of its kernel, in a binary adder tree from
   operands of w + a - 1 bits (w + a where the layer's input is unsigned:
   ``BitWidths.unsigned``), the width growing by one
@@ -80,7 +81,21 @@ MEANS = {"mean", "_adaptive_avg_pool2d", "adaptive_avg_pool2d", "_adaptive_avg_p
 SUMS = {"sum"}
 AVG_POOLS = {"avg_pool2d", "avg_pool1d", "avg_pool3d"}
 MAX_POOLS = {"max_pool2d_with_indices", "max_pool2d", "max_pool1d", "max_pool3d_with_indices"}
-SOFTMAX = {"_softmax", "softmax", "_log_softmax", "log_softmax"}
+SOFTMAX = {"_softmax", "softmax", "_safe_softmax", "_log_softmax", "log_softmax"}
+# Free by the rules: data movement, shapes, padding, concatenation, nearest-neighbour upsampling,
+# tensor creation and copies. Any operator in none of these sets is an error naming it
+# (``UncountedOperator``), so that no score comes out low by omission.
+FREE = {"view", "_unsafe_view", "reshape", "_reshape_alias", "view_as", "t", "transpose", "permute", "expand",
+        "expand_as", "contiguous", "clone", "detach", "alias", "flatten", "squeeze", "unsqueeze", "cat", "stack",
+        "split", "split_with_sizes", "chunk", "slice", "select", "unbind", "narrow", "constant_pad_nd", "pad",
+        "reflection_pad2d", "replication_pad2d", "upsample_nearest2d", "_upsample_nearest_exact2d", "empty",
+        "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros", "zeros_like", "ones",
+        "ones_like", "new_zeros", "full", "full_like", "fill", "zero", "_to_copy", "to", "copy", "lift_fresh",
+        "as_strided", "dropout", "identity"}
+
+
+class UncountedOperator(SipaError):
+    """An operator the counter has no rule for (counting it as free would score the network low)."""
 
 
 @dataclass
@@ -361,6 +376,11 @@ class _Counter(TorchDispatchMode):
             m, a = ELEMENTWISE[name]
             n = _numel(first)
             self._record(name, m * n, a * n, first)
+        elif name not in FREE:
+            module = self.stack[-1] if self.stack else "the model"
+            raise UncountedOperator(f"the MicroNet counter has no rule for operator {name!r} (in module "
+                                    f"{module or 'the model'}); its cost would be left out of the score "
+                                    f"(docs/scoring.md lists the counted operators)")
         if func.overloadpacket.__name__.endswith("_") and tensors:
             # An in-place op changed a conv output: a BatchNorm after it can no longer be folded.
             self.linear_out.pop(tensors[0].data_ptr(), None)
