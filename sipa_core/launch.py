@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sipa_core.errors import SipaError
-from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.paths import read_params
+from sipa_core.params import Field, check_section
 
 DISTRIBUTED_SCHEMA = {
     "processes": Field(int, 1, min=1, help="data-parallel training processes of every training stage, one per "
@@ -40,7 +41,7 @@ DISTRIBUTED_SCHEMA = {
 
 def read_distributed(params_path: str | Path) -> dict:
     """The ``distributed`` section of a params file, checked (absent: one process)."""
-    return check_section(load_yaml(params_path).get("distributed"), DISTRIBUTED_SCHEMA, file=params_path,
+    return check_section(read_params(params_path).get("distributed"), DISTRIBUTED_SCHEMA, file=params_path,
                          section="distributed")
 
 

@@ -122,10 +122,18 @@ def check_section(values: Mapping | None, schema: Mapping[str, Field], *, file: 
     return out
 
 
-def read_section(path: str | Path, section: str, schema: Mapping[str, Field]) -> dict:
-    """Load ``path`` and return its checked ``section``."""
-    data = load_yaml(path)
-    return check_section(data.get(section), schema, file=path, section=section)
+def check_sections(data: Mapping, known, *, file, required=()) -> None:
+    """The top level of a params file: an unknown section (a misspelt stage name, whose settings
+    would otherwise be silently dropped for the defaults) or a missing required one is one line."""
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise SipaError(f"{file}: {key}: unknown section{hint}; known sections: {', '.join(known)}")
+    for key in required:
+        if key not in data:
+            raise SipaError(f"{file}: {key}: required section is missing (dvc.yaml's stages read every "
+                            f"section: {', '.join(required)})")
 
 
 def refuse_keys(values: Mapping, keys, *, file, section: str, why: str) -> None:

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import yaml
 
-from sipa_core.params import Field
+from sipa_core.params import Field, check_sections, load_yaml
 
 PATHS_FILE = Path(__file__).with_name("paths.yaml")
 PATHS: dict[str, dict[str, str]] = yaml.safe_load(PATHS_FILE.read_text())["paths"]
+SECTIONS = ("distributed", *PATHS)  # a params file's sections: the shared settings, then one per stage
+
+
+def read_params(path, *, complete: bool = False) -> dict:
+    """A params file, its sections checked: none unknown; ``complete``: every one present (the
+    pipeline's params file, whose every section a stage of dvc.yaml reads)."""
+    data = load_yaml(path)
+    check_sections(data, SECTIONS, file=path, required=SECTIONS if complete else ())
+    return data
 
 
 def path_fields(stage: str, **inputs: tuple[str, str]) -> dict[str, Field]:

@@ -7,14 +7,17 @@ code DVC tracks for a stage is the code that stage runs.)
 
 from __future__ import annotations
 
-from sipa_core.accelerate.stage import STAGE as ACCELERATE, exit_recipe
+from sipa_core.accelerate.stage import STAGE as ACCELERATE
+from sipa_core.accelerate.training import exit_recipe
 from sipa_core.data.prepare import STAGE as PREPARE
 from sipa_core.improve.stage import STAGE as IMPROVE
 from sipa_core.improve.techniques import apply_techniques
 from sipa_core.launch import DISTRIBUTED_SCHEMA, __doc__ as DISTRIBUTED_DOC
-from sipa_core.params import check_section, load_yaml, raw_section
+from sipa_core.params import check_section, raw_section
+from sipa_core.paths import read_params
 from sipa_core.prune.stage import STAGE as PRUNE
-from sipa_core.quantize.stage import QAT_RECIPE, STAGE as QUANTIZE
+from sipa_core.quantize.stage import STAGE as QUANTIZE
+from sipa_core.quantize.training import QAT_RECIPE
 from sipa_core.report import STAGE as REPORT
 from sipa_core.search.stage import STAGE as SEARCH
 from sipa_core.stage_runner import Stage
@@ -28,8 +31,9 @@ SETTINGS = {"distributed": (DISTRIBUTED_DOC, DISTRIBUTED_SCHEMA)}
 def check_params(path: str) -> list[str]:
     """Check every stage's section of a params file (schemas, recipes, schedules);
     the first problem is a SipaError naming the file and key."""
+    data = read_params(path, complete=True)  # every section dvc.yaml's stages read, none unknown
     for name, (_, schema) in SETTINGS.items():
-        check_section(load_yaml(path).get(name), schema, file=path, section=name)
+        check_section(data.get(name), schema, file=path, section=name)
     for stage in STAGES.values():
         stage.read_config(path)
     return list(SETTINGS) + list(STAGES)
@@ -67,7 +71,7 @@ def resolved_trainings(path: str) -> dict[str, dict]:
     out["prune"] = {f"each of {len(prune['schedule'])} rounds {prune['schedule']}":
                     check_recipe({**final, **overrides}, file=path, section="prune") if final
                     else f"improve's final recipe + {overrides}"}
-    exit_ = exit_recipe(accelerate, {"recipe": final or {}}, path)
+    exit_ = exit_recipe(accelerate, final or {}, path)
     out["accelerate"] = {f"exit after block {p}": exit_ for p in accelerate["positions"]}
     if accelerate["exit_schedule"]:
         out["accelerate"]["exit pruning rounds"] = {"targets": accelerate["exit_schedule"],

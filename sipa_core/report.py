@@ -18,8 +18,8 @@ from sipa_core.errors import SipaError
 from sipa_core.io import atomic_write_bytes, atomic_write_csv, atomic_write_text, publish_metrics
 from sipa_core.pareto import (COLUMNS as PARETO_COLUMNS, accuracy_range, merge_labels, pareto_figure, pareto_rows,
                               place, run_points)
-from sipa_core.paths import path_fields
-from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.paths import path_fields, read_params
+from sipa_core.params import Field, check_section
 from sipa_core.stage_runner import Stage
 
 STAGES = ("search", "improve", "prune", "accelerate", "quantize")
@@ -37,7 +37,7 @@ PAPER_ROWS = [
     {"stage": "Accelerating (paper)", "accuracy": 0.8004, "params": 0.109e6, "ops": 0.029e9,
      "params_score": 0.002995, "ops_score": 0.002803, "score": 0.005798},
 ]
-# The 2019 MicroNet CIFAR-100 leaderboard (facts sheet section 7; accuracy >= 80% required), as it scored them.
+# The 2019 MicroNet CIFAR-100 leaderboard (micronet-challenge.github.io; accuracy >= 80% required), as it scored them.
 LEADERBOARD = [
     (1, 0.0044, "DenseNet-100 distilled, 75% pruned, 4-bit weights and activations; additions by adder tree "
                 "(about 0.0085 with 32-bit additions, the team's own figure)"),
@@ -68,7 +68,7 @@ TABLE_KEYS = {"prune": "prune_rounds", "accelerate": "accelerate_exits", "quanti
 
 
 def read_config(params_path: str | Path) -> dict:
-    data = load_yaml(params_path)
+    data = read_params(params_path)
     return check_section(data.get("report"), REPORT_SCHEMA, file=params_path, section="report")
 
 
@@ -155,11 +155,15 @@ def _counted_claim(m: dict) -> tuple:
 
 
 def _improve_claim(m: dict) -> tuple:
+    claim = "Improving beats its own base recipe at equal epochs"
     base = m.get("base_accuracy")
+    if m.get("base_is_final"):
+        return claim, (f"no technique was adopted on validation: the final network is the base recipe's "
+                       f"({m['accuracy']:.2%})"), "nothing adopted"
     gain = None if base is None else m["accuracy"] - base
     figures = ("base recipe not trained (improve.compare_base: false)" if base is None else
                f"improved {m['accuracy']:.2%} against base {base:.2%} ({_pp(gain)})")
-    return "Improving beats its own base recipe at equal epochs", figures, None if gain is None else gain > 0
+    return claim, figures, None if gain is None else gain > 0
 
 
 def _prune_claim(m: dict, before: dict | None) -> tuple:

@@ -20,8 +20,8 @@ import torch
 from sipa_core.data.sources import SOURCES, plan_source
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint, publish_metrics, publishing
-from sipa_core.paths import path_fields
-from sipa_core.params import Field, check_section, read_section
+from sipa_core.paths import path_fields, read_params
+from sipa_core.params import Field, check_section
 from sipa_core.runtime import provenance
 from sipa_core.stage_runner import Stage
 
@@ -265,7 +265,7 @@ def _check_prepared(data: PreparedData) -> str | None:
 
 def read_config(params_path: str | os.PathLike) -> dict:
     """The checked ``prepare`` section of a params file."""
-    return read_section(params_path, "prepare", PREPARE_SCHEMA)
+    return check_section(read_params(params_path).get("prepare"), PREPARE_SCHEMA, file=params_path, section="prepare")
 
 
 def summary(cfg: dict, m: dict) -> str:

@@ -29,8 +29,8 @@ from sipa_core.io import atomic_write_text, publish_metrics, publishing
 from sipa_core.lineage import lineage_record
 from sipa_core.models import create_spec, decode_blocks
 from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
-from sipa_core.paths import path_fields
-from sipa_core.params import Field, check_section, load_yaml
+from sipa_core.paths import path_fields, read_params
+from sipa_core.params import Field, check_section
 from sipa_core.search.ray_backend import check_ray, run_step_ray
 from sipa_core.search.space import SPACE_SCHEMA, create_candidate_spec, smallest_score
 from sipa_core.search.trials import best_of, run_step, subset_per_class, trial_id, write_tables
@@ -72,7 +72,7 @@ SEARCH_SCHEMA = {
 
 def read_config(params_path) -> dict:
     """The checked ``search`` section, bounds and recipe included, before any work."""
-    raw = load_yaml(params_path)
+    raw = read_params(params_path)
     cfg = check_section(raw.get("search"), SEARCH_SCHEMA, file=params_path, section="search")
     where = f"{params_path}: search"
     cfg["space"] = check_section(cfg["space"], SPACE_SCHEMA, file=params_path, section="search.space")
