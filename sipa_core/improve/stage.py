@@ -12,25 +12,24 @@ never trained twice.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sipa_core.checkpoint import load_model, save_model
 from sipa_core.errors import SipaError
-from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_BASE, TECHNIQUES, Decision,
-                                          _technique_list, apply_techniques, greedy_select, ordered)
+from sipa_core.improve.runs import TrialRunner, select_techniques, train_final
+from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_BASE, Decision, _technique_list,
+                                          apply_techniques)
 from sipa_core.io import atomic_write_csv, atomic_write_text, publish_metrics, publishing
 from sipa_core.lineage import lineage_record
-from sipa_core.paths import PATHS, path_fields
-from sipa_core.params import Field, check_section, load_yaml, refuse_keys
-from sipa_core.resume import file_digest, keep, load_kept, run_key
+from sipa_core.paths import PATHS, path_fields, read_params
+from sipa_core.params import Field, check_section, refuse_keys
 from sipa_core.stage_common import create_seeded_model, load_data, resolve_arch, stage_metrics
 from sipa_core.stage_runner import Stage
-from sipa_core.train import TrainingDiverged, configure_model, evaluate, fit
+from sipa_core.train import evaluate
 from sipa_core.train.recipe import check_recipe, refuse_distillation
+from sipa_core.train.structure import unsupported_structure
 
 IMPROVE_SCHEMA = {
     "arch": Field(str, PATHS["search"]["out_arch"],
@@ -58,7 +57,7 @@ IMPROVE_SCHEMA = {
 
 def read_config(params_path: str | Path) -> dict:
     """The checked ``improve`` section; recipes and options checked too, before any work."""
-    data = load_yaml(params_path)
+    data = read_params(params_path)
     cfg = check_section(data.get("improve"), IMPROVE_SCHEMA, file=params_path, section="improve")
     refuse_keys(cfg["base"], ("epochs",), file=params_path, section="improve.base",
                 why="set improve.trial_epochs / improve.final_epochs instead (each training sets its own)")
@@ -92,50 +91,6 @@ def write_table(path: str | Path, decisions: list[Decision], base_acc: float) ->
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-@dataclass
-class TrialRunner:
-    """Trains one recipe of the stage as a resumable run with a kept result
-    (``state/<kind>/<run key>/``): trials, the final training, the base comparison."""
-
-    cfg: dict
-    spec: dict
-    data: object
-    init: Path | None
-    params_file: str
-    progress: bool | None = None
-
-    def train(self, recipe: dict, *, epochs: int, seed: int, kind: str, train_splits=("train",), val_split="val",
-              live=None, need_model: bool = False):
-        """(result dict, trained model or None when the result was kept or the run diverged).
-        ``need_model``: skip the kept result and resume the run (a finished one trains nothing)."""
-        recipe = check_recipe({**recipe, "epochs": epochs, "seed": seed}, file=self.params_file,
-                              section="improve.base")
-        model = configure_model(create_seeded_model(self.spec, seed, self.init), recipe)
-        key = run_key({"recipe": recipe, "spec": model.spec, "tag": f"{kind}:{','.join(train_splits)}:{self.init}",
-                       "data": self.data.source, "init": file_digest(self.init) if self.init else None})
-        run_dir = Path(self.cfg["state"]) / kind / key
-        kept = None if need_model else load_kept(run_dir / "result.json", announce=f"improve {kind} {key}")
-        if kept is not None:
-            return kept, None
-        started = time.time()
-        try:
-            res = fit(model, self.data, recipe, state_path=run_dir / "state.pt", live_dir=live,
-                      train_splits=train_splits, val_split=val_split, tag=kind, desc=f"{kind} {key}",
-                      progress=self.progress)
-        except TrainingDiverged:
-            return keep(run_dir / "result.json", {"val_acc": float("nan"), "diverged": True}, since=started), None
-        out = {"val_acc": res.val_acc if res.val_acc is not None else float("nan"),
-               "images_per_sec": res.images_per_sec, "seconds": res.seconds, "history": res.history}
-        return keep(run_dir / "result.json", out, since=started), model
-
-    def trial(self, recipe: dict) -> float:
-        """Mean validation accuracy of a short run over ``trial_seeds`` seeds (NaN if any diverged)."""
-        base_seed = self.cfg["base"]["seed"]
-        accs = [self.train(recipe, epochs=self.cfg["trial_epochs"], seed=base_seed + k, kind="trial")[0]["val_acc"]
-                for k in range(self.cfg["trial_seeds"])]
-        return float("nan") if any(math.isnan(a) for a in accs) else sum(accs) / len(accs)
-
-
 def _check_inputs(cfg: dict, data, where: str):
     """The architecture spec and the init checkpoint, checked before any trial."""
     spec, _ = resolve_arch(cfg["arch"], data, f"{where}.arch")  # architecture only; weights come from `init`
@@ -147,36 +102,16 @@ def _check_inputs(cfg: dict, data, where: str):
             create_seeded_model(spec, 0, init)
         except SipaError as err:
             raise SipaError(f"{where}.init: {err}") from None
+    for name in [None] + list(cfg["candidates"] if cfg["greedy"] else cfg["adopt"]):
+        recipe = apply_techniques(cfg["base"], [name] if name else [], cfg["options"])
+        missing = unsupported_structure(spec, recipe)
+        if missing:
+            key = f"{where}.{'candidates' if cfg['greedy'] else 'adopt'}: {name}" if name else f"{where}.base"
+            raise SipaError(f"{key} sets {missing[0]}, but the network {spec.get('name') or spec['family']} has no "
+                            f"{missing[0]} setting: a checkpoint could not rebuild it as trained")
     if cfg["greedy"] and len(data.val_y) == 0:
         raise SipaError(f"{where}.greedy: selection needs validation data, but prepare.val_size is 0")
     return spec, init
-
-
-def _select(cfg: dict, runner: TrialRunner):
-    """The adopted techniques (greedy or fixed), one decision per trial, the base trial accuracy."""
-    candidates = ordered(cfg["candidates"], cfg["order"])
-    if not cfg["greedy"]:
-        return ordered(cfg["adopt"], cfg["order"]), [], float("nan")
-    adopted, decisions, base_acc = greedy_select(candidates, cfg["base"], cfg["options"], cfg["threshold"],
-                                                 runner.trial)
-    return adopted + [n for n in candidates if TECHNIQUES[n].final_only], decisions, base_acc
-
-
-def _train_final(cfg: dict, runner: TrialRunner, adopted: list[str], data):
-    """The final training of the adopted recipe (and of the base recipe, for the comparison)."""
-    final_recipe = apply_techniques(cfg["base"], adopted, cfg["options"])
-    no_val = "no_validation" in adopted
-    splits, val_split = (("train", "val"), None) if no_val else (("train",), "val")
-    base = cfg["base"]
-    result, model = runner.train(final_recipe, epochs=cfg["final_epochs"], seed=base["seed"], kind="final",
-                                 train_splits=splits, val_split=val_split, live=cfg["live"], need_model=True)
-    extra, curves = {}, {"final": result["history"]}
-    if cfg["compare_base"]:
-        result, base_model = runner.train(base, epochs=cfg["final_epochs"], seed=base["seed"], kind="base-final",
-                                          train_splits=splits, val_split=val_split, need_model=True)
-        extra["base_accuracy"] = evaluate(base_model, data, "test", fp16=cfg["bits"] == 16)
-        curves["base"] = result["history"]
-    return final_recipe, model, extra, splits, curves
 
 
 def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | None = None) -> dict:
@@ -186,8 +121,8 @@ def improve(cfg: dict, *, params_file: str = "params.yaml", progress: bool | Non
     data = load_data(cfg["data"], f"{where}.data")
     spec, init = _check_inputs(cfg, data, where)
     runner = TrialRunner(cfg, spec, data, init, params_file, progress)
-    adopted, decisions, base_acc = _select(cfg, runner)
-    final_recipe, model, extra, splits, curves = _train_final(cfg, runner, adopted, data)
+    adopted, decisions, base_acc = select_techniques(cfg, runner)
+    final_recipe, model, extra, splits, curves = train_final(cfg, runner, adopted, data)
     model.cpu().eval()
     with publishing(cfg["metrics"]):
         write_table(cfg["table"], decisions, base_acc)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from sipa_core.errors import SipaError
+from sipa_core.models.layers import ACTIVATIONS, make_activation
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_ch, out_ch, stride, dropout):
+    def __init__(self, in_ch, out_ch, stride, dropout, activation="relu"):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
-        self.relu1 = nn.ReLU(inplace=False)
+        self.relu1 = make_activation(activation)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.relu2 = nn.ReLU(inplace=False)
+        self.relu2 = make_activation(activation)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.shortcut = (nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
@@ -40,11 +41,12 @@ class WideResNet(nn.Module):
         blocks, in_ch = [], widths[0]
         for g, out_ch in enumerate(widths[1:]):
             for i in range(n):
-                blocks.append(PreActBlock(in_ch, out_ch, 2 if (g > 0 and i == 0) else 1, spec["dropout"]))
+                blocks.append(PreActBlock(in_ch, out_ch, 2 if (g > 0 and i == 0) else 1, spec["dropout"],
+                                          spec["activation"]))
                 in_ch = out_ch
         self.blocks = nn.ModuleList(blocks)
         self.bn = nn.BatchNorm2d(in_ch)
-        self.relu = nn.ReLU()
+        self.relu = make_activation(spec["activation"])
         self.classifier = nn.Linear(in_ch, spec["num_classes"])
         self.input_size = spec["image_size"]
 
@@ -56,6 +58,8 @@ class WideResNet(nn.Module):
         return self.classifier(x)
 
 
-def wrn_spec(depth=28, widen=10, num_classes=100, dropout=0.0, image_size=32, name=None) -> dict:
+def wrn_spec(depth=28, widen=10, num_classes=100, dropout=0.0, image_size=32, activation="relu", name=None) -> dict:
+    if activation not in ACTIVATIONS:
+        raise SipaError(f"architecture (wrn): activation {activation!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
     return dict(family="wrn", name=name, depth=int(depth), widen=int(widen), num_classes=int(num_classes),
-                dropout=float(dropout), image_size=int(image_size))
+                dropout=float(dropout), image_size=int(image_size), activation=activation)

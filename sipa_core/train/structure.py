@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sipa_core.errors import SipaError
 from sipa_core.models.layers import ACTIVATIONS, make_activation
 
 _ACTIVATION_TYPES = tuple(set(ACTIVATIONS.values()))
@@ -61,11 +62,26 @@ def swap_activations(model: nn.Module, name: str) -> int:
     return replaced
 
 
+STRUCTURAL_KEYS = ("activation", "dropout", "drop_connect")  # recipe keys that change the network itself
+
+
+def unsupported_structure(spec: dict, recipe: dict) -> list[str]:
+    """The recipe's structural keys that the network's spec cannot record (its family has no such
+    setting): training them would hand the next stage a network rebuilt without them."""
+    return [k for k in STRUCTURAL_KEYS if recipe.get(k) is not None and k not in spec]
+
+
 def spec_with_recipe(spec: dict, recipe: dict) -> dict:
-    """The architecture spec with the recipe's activation/dropout/drop-connect."""
+    """The architecture spec with the recipe's activation/dropout/drop-connect; a key the spec has
+    no place for is an error (it would be lost when the next stage rebuilds the network)."""
+    missing = unsupported_structure(spec, recipe)
+    if missing:
+        name = spec.get("name") or spec.get("family")
+        raise SipaError(f"{missing[0]}: the network {name} has no {missing[0]} setting, so a checkpoint could not "
+                        f"rebuild it as trained")
     spec = dict(spec)
-    for key in ("activation", "dropout", "drop_connect"):
-        if recipe.get(key) is not None and key in spec:
+    for key in STRUCTURAL_KEYS:
+        if recipe.get(key) is not None:
             spec[key] = recipe[key]
     return spec
 
@@ -78,6 +94,8 @@ def configure_model(model: nn.Module, recipe: dict) -> nn.Module:
     same network; ghost BatchNorm is a training-time change only.
     """
     spec = getattr(model, "spec", None)
+    if spec is not None:
+        model.spec = spec_with_recipe(spec, recipe)  # first: a setting the network cannot record fails here
     if recipe.get("activation"):
         swap_activations(model, recipe["activation"])
     if recipe.get("dropout") is not None:
@@ -89,8 +107,6 @@ def configure_model(model: nn.Module, recipe: dict) -> nn.Module:
         for i, block in enumerate(model.blocks):
             if hasattr(block, "drop_rate"):
                 block.drop_rate = recipe["drop_connect"] * i / n
-    if spec is not None:
-        model.spec = spec_with_recipe(spec, recipe)
     if recipe.get("ghost_batch"):
         apply_ghost_bn(model, recipe["ghost_batch"])
     return model
