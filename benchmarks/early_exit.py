@@ -61,7 +61,7 @@ def main() -> None:
 
     if args.checkpoint:
         net, record = load_early_exit(args.checkpoint)
-        threshold = record["threshold"]
+        threshold = record.threshold
     else:
         main_net = create_model(args.arch).eval()
         net = EarlyExitNetwork(main_net, exit_config(main_net, args.exit_after)).eval()

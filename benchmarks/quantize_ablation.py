@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from sipa_core.io import atomic_write_text
-from sipa_core.quantize.stage import read_config, schedule_steps
+from sipa_core.quantize.config import read_config
+from sipa_core.quantize.training import schedule_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_LAST_8 = {"stem": [8, 8], "classifier": [8, 8]}

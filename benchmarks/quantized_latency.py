@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipa_core.accelerate.stage import load_early_exit  # noqa: E402
-from sipa_core.checkpoint import load_model  # noqa: E402
+from sipa_core.accelerate.record import ExitRecord, load_early_exit  # noqa: E402
+from sipa_core.checkpoint import load_model, read_checkpoint  # noqa: E402
 from sipa_core.data.prepare import load_prepared  # noqa: E402
-from sipa_core.io import load_checkpoint  # noqa: E402
 from sipa_core.paths import PATHS  # noqa: E402
 from sipa_core.quantize.export import OnnxNetwork  # noqa: E402
 from sipa_core.quantize.onnx_integer import FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts  # noqa: E402
+from sipa_core.quantize.record import QuantRecord  # noqa: E402
 from sipa_core.train.evaluation import normalized  # noqa: E402
 
 
@@ -65,12 +65,12 @@ def measure(run, x: torch.Tensor, singles: int, batch: int) -> tuple[float, floa
 
 def torch_rows(path) -> list:
     """The floating-point network in PyTorch: with and without its exit (when it has one)."""
-    if load_checkpoint(path).get("exit") is None:
+    if ExitRecord.of(read_checkpoint(path)) is None:
         main = load_model(path)[0].eval()
         return [("PyTorch fp32", "no", torch.no_grad()(main))]
     net, record = load_early_exit(path)
-    return [("PyTorch fp32", "no", torch_runner(net, record["threshold"], False)),
-            ("PyTorch fp32", f"yes ({record['threshold']:.2f})", torch_runner(net, record["threshold"], True))]
+    return [("PyTorch fp32", "no", torch_runner(net, record.threshold, False)),
+            ("PyTorch fp32", f"yes ({record.threshold:.2f})", torch_runner(net, record.threshold, True))]
 
 
 def main():
@@ -82,15 +82,16 @@ def main():
     torch.set_num_threads(args.threads)
     data = load_prepared(PATHS["prepare"]["out"])
     x = normalized(data.test_x, data.mean, data.std)
-    quant = load_checkpoint(PATHS["quantize"]["out"])
-    threshold = (quant.get("exit") or {}).get("threshold")
+    quant = read_checkpoint(PATHS["quantize"]["out"])
+    exit_record, label = ExitRecord.of(quant), QuantRecord.of(quant).label
+    threshold = exit_record.threshold if exit_record else None
     folder = Path(PATHS["quantize"]["onnx"])
     files = {name: folder / f"{name}.onnx" for name in ("full", "path", "rest") if (folder / f"{name}.onnx").is_file()}
     onnx = OnnxNetwork.load(files, threshold, threads=args.threads)
     rows = torch_rows(PATHS["accelerate"]["out"]) + [
-        (f"onnxruntime {quant['quant']['label']}", "no", onnx_runner(onnx, False))]
+        (f"onnxruntime {label}", "no", onnx_runner(onnx, False))]
     if threshold is not None:
-        rows.append((f"onnxruntime {quant['quant']['label']}", f"yes ({threshold:.2f})", onnx_runner(onnx, True)))
+        rows.append((f"onnxruntime {label}", f"yes ({threshold:.2f})", onnx_runner(onnx, True)))
     layers = {k: n for k, n in integer_kernel_counts(files["full"]).items() if k in INTEGER_KERNELS + FLOAT_KERNELS}
     print(f"{len(x)} test images of {data.image_size[0]}x{data.image_size[1]}, {args.threads} threads, "
           f"torch {torch.__version__}; onnxruntime runs full.onnx's layers as {layers}\n")

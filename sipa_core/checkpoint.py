@@ -1,45 +1,121 @@
-"""Model checkpoints: the architecture spec travels with the weights.
+"""Model checkpoints: the architecture spec travels with the weights and the records.
 
 A sipa checkpoint is a dict ``{"format": "sipa-checkpoint", "version": 1,
-"arch": <spec>, "model": <state_dict>, ...}``; training stages add optimizer,
-scheduler, epoch and RNG state to it. A plain state_dict from elsewhere can be
+"arch": <spec>, "model": <state_dict>, ...}`` of plain data (it loads with
+``weights_only=True``). ``read_checkpoint`` checks it and returns a
+``Checkpoint``: the records every stage writes (``stage``, ``recipe``,
+``lineage``, ``masks``) typed here, and the records of later stages
+(``exit``: the accelerate stage's, ``quant``: the quantizing stage's) kept as
+stored, each read by its own class in its own package
+(``accelerate.record.ExitRecord``, ``quantize.record.QuantRecord``), so that
+loading a checkpoint imports no code of a later stage. ``load_model`` builds
+a floating-point network; a quantized checkpoint is built by
+``quantize.record.load_quantized``. A plain state_dict from elsewhere can be
 loaded too, given the architecture.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_torch_save, load_checkpoint
-from sipa_core.models import create_model, create_spec, create_family_spec
+from sipa_core.lineage import Lineage
+from sipa_core.models import create_family_spec, create_model, create_spec
 from sipa_core.params import load_yaml
-from sipa_core.quantize.qat import quantized_structure
 
 FORMAT = "sipa-checkpoint"
 VERSION = 1
+LATER_RECORDS = ("exit", "quant")  # read by accelerate.record and quantize.record
+_KNOWN = {"format", "version", "arch", "model", "stage", "recipe", "lineage", "masks", "adopted", "pruned_round",
+          *LATER_RECORDS}
 
 
-def save_model(path, model: nn.Module, **extra) -> Path:
+class Record(Protocol):
+    def as_dict(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint as read: the network's spec and weights and its records."""
+
+    path: str
+    arch: dict | None
+    state: dict
+    stage: str | None = None
+    recipe: dict | None = None
+    lineage: Lineage | None = None
+    masks: dict | None = None  # parameter name -> bool tensor (the pruning masks)
+    adopted: list | None = None
+    pruned_round: int | None = None
+    records: dict = field(default_factory=dict)  # later stages' records as stored
+
+    @property
+    def quantized(self) -> bool:
+        return self.records.get("quant") is not None
+
+    def record(self, name: str) -> dict | None:
+        return self.records.get(name)
+
+
+def save_model(path, model: nn.Module, *, stage: str | None = None, recipe: dict | None = None,
+               lineage: Lineage | None = None, masks: dict | None = None, adopted: list | None = None,
+               pruned_round: int | None = None, records: dict[str, Record] | None = None) -> Path:
+    """The one writer of checkpoints: the model's spec and weights and the records given."""
     spec = getattr(model, "spec", None)
     if spec is None:
         raise SipaError("only models built by sipa_core.models carry the spec a checkpoint needs")
+    unknown = set(records or {}) - set(LATER_RECORDS)
+    if unknown:
+        raise SipaError(f"unknown checkpoint record(s): {', '.join(sorted(unknown))}")
+    extra = {"stage": stage, "recipe": recipe, "lineage": lineage.as_dict() if lineage else None, "masks": masks,
+             "adopted": adopted, "pruned_round": pruned_round,
+             **{name: r.as_dict() for name, r in (records or {}).items()}}
     return atomic_torch_save(path, {"format": FORMAT, "version": VERSION, "arch": dict(spec),
-                                    "model": model.state_dict(), **extra})
+                                    "model": model.state_dict(), **{k: v for k, v in extra.items() if v is not None}})
 
 
-def _state_dict_of(obj, path) -> dict:
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if not isinstance(obj.get("model"), dict):
-            raise SipaError(f"{path}: sipa checkpoint without a 'model' state dict")
-        return obj["model"]
-    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in obj.items()):
-        return obj  # a bare state_dict
-    raise SipaError(f"{path}: not a sipa checkpoint nor a state_dict (a mapping of names to tensors)")
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items())
+
+
+def _check_masks(masks, path) -> dict | None:
+    if masks is None:
+        return None
+    if not (isinstance(masks, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            and v.dtype == torch.bool for k, v in masks.items())):
+        raise SipaError(f"{path}: malformed masks record (expected parameter names to boolean tensors)")
+    return masks
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """The one reader: a sipa checkpoint checked field by field, or a bare state_dict (no records).
+    Anything else, an unknown record (another version) or a malformed one: one line naming the file."""
+    obj = load_checkpoint(path)
+    if _is_state_dict(obj):
+        return Checkpoint(str(path), None, obj)
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        raise SipaError(f"{path}: not a sipa checkpoint nor a state_dict (a mapping of names to tensors)")
+    if obj.get("version") != VERSION:
+        raise SipaError(f"{path}: sipa checkpoint version {obj.get('version')!r}; this sipa reads version {VERSION}")
+    unknown = sorted(set(obj) - _KNOWN)
+    if unknown:
+        raise SipaError(f"{path}: unknown checkpoint record {unknown[0]!r} (written by another version of sipa)")
+    if not isinstance(obj.get("model"), dict) or not isinstance(obj.get("arch"), dict):
+        raise SipaError(f"{path}: sipa checkpoint without its 'arch' spec and 'model' state dict")
+    records = {name: obj[name] for name in LATER_RECORDS if obj.get(name) is not None}
+    if any(not isinstance(r, dict) for r in records.values()):
+        raise SipaError(f"{path}: malformed {', '.join(n for n, r in records.items() if not isinstance(r, dict))} "
+                        f"record")
+    lineage = Lineage.from_dict(obj["lineage"], path) if obj.get("lineage") is not None else None
+    return Checkpoint(str(path), obj["arch"], obj["model"], obj.get("stage"), obj.get("recipe"), lineage,
+                      _check_masks(obj.get("masks"), path), obj.get("adopted"), obj.get("pruned_round"), records)
 
 
 def fit_state_dict(model: nn.Module, state: dict, path, arch_name: str) -> None:
@@ -61,25 +137,23 @@ def fit_state_dict(model: nn.Module, state: dict, path, arch_name: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path, arch: dict | str | None = None) -> tuple[nn.Module, dict]:
-    """Build the checkpoint's architecture (or ``arch``) and load its weights."""
-    obj = load_checkpoint(path)
-    state = _state_dict_of(obj, path)
+def build_model(ckpt: Checkpoint, arch: dict | str | None = None) -> nn.Module:
+    """The floating-point network of a checkpoint (its own spec, or ``arch``), weights loaded."""
+    if ckpt.quantized:
+        raise SipaError(f"{ckpt.path}: a quantized checkpoint (the quantize stage's); it loads with "
+                        f"sipa_core.quantize.record.load_quantized, or is counted by `sipa score --checkpoint`")
+    arch = arch if arch is not None else ckpt.arch
     if arch is None:
-        if not (isinstance(obj, dict) and isinstance(obj.get("arch"), dict)):
-            raise SipaError(f"{path}: a bare state_dict needs an architecture (--arch)")
-        arch = obj["arch"]
+        raise SipaError(f"{ckpt.path}: a bare state_dict needs an architecture (--arch)")
     model = create_model(arch)
-    quant = obj.get("quant") if isinstance(obj, dict) else None
-    if quant:  # a quantized checkpoint: BatchNorm folded, Brevitas layers at its widths
-        try:
-            quantized_structure(model, quant)
-            model.load_state_dict(state, strict=True)  # Brevitas restores its lazily made scales itself
-        except (SipaError, RuntimeError) as err:
-            raise SipaError(f"{path}: quantized checkpoint does not load: {str(err).splitlines()[0]}") from None
-        return model, obj
-    fit_state_dict(model, state, path, model.spec.get("name") or model.spec["family"])
-    return model, obj if isinstance(obj, dict) else {}
+    fit_state_dict(model, ckpt.state, ckpt.path, model.spec.get("name") or model.spec["family"])
+    return model
+
+
+def load_model(path, arch: dict | str | None = None) -> tuple[nn.Module, Checkpoint]:
+    """Read a floating-point checkpoint and build its network (or ``arch``'s)."""
+    ckpt = read_checkpoint(path)
+    return build_model(ckpt, arch), ckpt
 
 
 def create_spec_from(value: str, **overrides) -> tuple[dict, Path | None]:
@@ -99,7 +173,9 @@ def create_spec_from(value: str, **overrides) -> tuple[dict, Path | None]:
         fields = {k: v for k, v in raw.items() if k != "family"}
         return create_family_spec(raw["family"], **{**fields, **overrides}), None
     if value.endswith((".pt", ".pth")):
-        model, _ = load_model(value)
-        fields = {k: v for k, v in model.spec.items() if k != "family"}
-        return create_family_spec(model.spec["family"], **{**fields, **overrides}), path
+        ckpt = read_checkpoint(value)
+        if ckpt.arch is None:
+            raise SipaError(f"{value}: a bare state_dict carries no architecture")
+        fields = {k: v for k, v in ckpt.arch.items() if k != "family"}
+        return create_family_spec(ckpt.arch["family"], **{**fields, **overrides}), path
     return create_spec(value, **overrides), None

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first remove a fraction S of the weights as the pruning stage does (global threshold on "
                         "L2-normalised magnitudes), then count: what a global prune to S would score")
     s.add_argument("--num-classes", type=int, default=None, help="override the architecture's class count")
-    s.add_argument("--input-size", type=int, default=None, help="data image size (default: the spec's)")
+    s.add_argument("--input-size", type=int, default=None,
+                   help="the data's image size: --arch builds the network for it (default: the spec's; a "
+                        "checkpoint is counted at its own)")
     s.add_argument("--layers", action="store_true", help="also show the per-layer table and block costs")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--exit-after", type=int, default=None, metavar="BLOCK",

@@ -10,15 +10,17 @@ import sys
 
 import yaml
 
-from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost, from_record
-from sipa_core.checkpoint import create_spec_from, load_model
+from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost
+from sipa_core.accelerate.record import ExitRecord, float_exit_network
+from sipa_core.checkpoint import build_model, create_spec_from, read_checkpoint
 from sipa_core.config_reference import check_file, configuration_reference
 from sipa_core.errors import SipaError
 from sipa_core.models import ARCHITECTURES, create_model, create_spec
 from sipa_core.pipeline import check_params, inactive_keys, resolved_trainings
 from sipa_core.plan import format_plan, measure_throughput, plan
 from sipa_core.prune.masks import apply_masks, magnitude_masks, masks_from_zeros
-from sipa_core.quantize.qat import exit_widths, float_twin
+from sipa_core.quantize.qat import float_twin
+from sipa_core.quantize.record import load_quantized
 from sipa_core.scoring import BitWidths, count
 
 
@@ -81,25 +83,53 @@ def bit_widths(args, model):
     return widths
 
 
+def _score_input_size(args, model) -> int:
+    """The input size to count at: the network's own (``--input-size`` built it with ``--arch``; a
+    checkpoint's network was built for one size, and another is refused rather than counted wrong)."""
+    own = model.spec.get("image_size", 32)
+    if args.input_size is not None and args.input_size != own:
+        raise SipaError(f"sipa score: --input-size {args.input_size}: {args.checkpoint} holds a network built for "
+                        f"{own}x{own} inputs (leave --input-size out)")
+    return own
+
+
+def _checkpoint_network(args, spec):
+    """(model, exit network or None, exit ratio) of ``--checkpoint``: a floating-point network, or
+    a quantized one counted on its quantized values (the float twin) at its own widths."""
+    ckpt = read_checkpoint(args.checkpoint)
+    if ckpt.quantized:
+        loaded = load_quantized(args.checkpoint)
+        _counted_at_own_widths(args, loaded.record)
+        model = float_twin(loaded.main)
+        net = None if loaded.net is None else EarlyExitNetwork(model, loaded.net.exit_cfg, float_twin(loaded.net.exit))
+        return model, net, loaded.exit.exit_ratio if loaded.exit else None
+    model = build_model(ckpt, spec)
+    record = ExitRecord.of(ckpt)
+    if record is None:
+        return model, None, None
+    return model, float_exit_network(model, record, args.checkpoint), record.exit_ratio
+
+
 def cmd_score(args) -> int:
     if args.arch is None and args.checkpoint is None:
         raise SipaError("sipa score: give --arch NAME (or a spec .yaml) and/or --checkpoint PATH")
+    if args.input_size is not None and args.input_size < 1:
+        raise SipaError(f"sipa score: --input-size must be a positive number of pixels, got {args.input_size}")
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    if args.input_size is not None and args.arch and not args.checkpoint:
+        overrides["image_size"] = args.input_size  # the network as built for that data (as a stage builds it)
     spec = create_spec_from(args.arch, **overrides)[0] if args.arch else None
-    exit_record = None
+    net, ratio = None, None
     if args.checkpoint:
-        model, meta = load_model(args.checkpoint, spec)
-        exit_record = meta.get("exit") if isinstance(meta.get("exit"), dict) else None
-        if meta.get("quant"):
-            model = _counted_at_own_widths(args, model, meta["quant"])
+        model, net, ratio = _checkpoint_network(args, spec)
     else:
         model = create_model(spec)
-    size = args.input_size or model.spec.get("image_size", 32)
+    size = _score_input_size(args, model)
     name = model.spec.get("name") or args.arch or args.checkpoint
     if args.global_sparsity is not None:
-        _prune_globally(args, model, exit_record)
-    if exit_record is not None or args.exit_after is not None:
-        return _score_with_exit(args, model, exit_record, size, name)
+        _prune_globally(args, model, net)
+    if net is not None or args.exit_after is not None:
+        return _score_with_exit(args, model, net, ratio, size, name)
     result = count(model, (3, size, size), bits=bit_widths(args, model), uniform_sparsity=args.uniform_sparsity)
     if args.json:
         out = result.summary()
@@ -114,13 +144,13 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _prune_globally(args, model, exit_record) -> None:
+def _prune_globally(args, model, exit_net) -> None:
     """``--global-sparsity S``: the pruning stage's criterion (one global threshold on each layer's
     |w| over its L2 norm, weights already zero first) applied to ``model`` in place."""
     s = args.global_sparsity
     clash = [flag for flag, on in (("--uniform-sparsity", args.uniform_sparsity is not None),
                                    ("--exit-after", args.exit_after is not None),
-                                   ("a checkpoint with an exit", exit_record is not None),
+                                   ("a checkpoint with an exit", exit_net is not None),
                                    ("a quantized checkpoint", hasattr(args, "checkpoint_quant"))) if on]
     if clash:
         raise SipaError(f"sipa score: --global-sparsity prunes a plain network; not with {clash[0]}")
@@ -129,29 +159,25 @@ def _prune_globally(args, model, exit_record) -> None:
     apply_masks(model, magnitude_masks(model, masks_from_zeros(model), s, scope="global", normalize="l2"))
 
 
-def _counted_at_own_widths(args, model, quant: dict):
+def _counted_at_own_widths(args, record) -> None:
     """A quantized checkpoint is counted at the widths it was trained at, on its quantized
     values (the float twin); width options would contradict it."""
     given = [flag for flag, on in (("--bits", args.bits != 16), ("--weight-bits", args.weight_bits is not None),
                                    ("--act-bits", args.act_bits is not None), ("--add-bits", args.add_bits != 32),
                                    ("--layer-bits", bool(args.layer_bits))) if on]
     if given:
-        raise SipaError(f"sipa score: {args.checkpoint} is quantized ({quant.get('label')}) and is counted at its "
+        raise SipaError(f"sipa score: {args.checkpoint} is quantized ({record.label}) and is counted at its "
                         f"own widths; drop {given[0]}")
-    args.checkpoint_widths = BitWidths.from_dict(quant["widths"])
-    args.checkpoint_quant = quant
-    return float_twin(model)
+    args.checkpoint_widths = record.widths
+    args.checkpoint_quant = record
 
 
-def _score_with_exit(args, model, record, size, name) -> int:
+def _score_with_exit(args, model, net, ratio, size, name) -> int:
     """A network with an early exit: parameters of both, expected ops at the exit ratio.
     ``--uniform-sparsity`` applies to the main network (the exit is counted as it is)."""
     quant = getattr(args, "checkpoint_quant", None)
-    if record is not None and args.exit_after is None:
-        net = from_record(model, record, args.checkpoint, quant=quant)
-        if quant:
-            net.exit = float_twin(net.exit)
-        ratio = record["exit_ratio"] if args.exit_ratio is None else args.exit_ratio
+    if net is not None and args.exit_after is None:
+        ratio = ratio if args.exit_ratio is None else args.exit_ratio
     else:
         if not hasattr(model, "boundaries"):
             raise SipaError("sipa score: --exit-after needs an EfficientNet-family network")
@@ -161,7 +187,7 @@ def _score_with_exit(args, model, record, size, name) -> int:
         raise SipaError(f"sipa score: --exit-ratio must be in [0, 1], got {ratio}")
     widths = bit_widths(args, model)
     cost = exit_cost(net, (3, size, size), bits=widths, main_uniform_sparsity=args.uniform_sparsity,
-                     exit_bits=exit_widths(quant) if quant else None)
+                     exit_bits=quant.exit_widths if quant else None)
     s = cost.summary(ratio)
     s.update(arch=name, exit_position=net.position, exit_bytes=cost.exit_bytes, exit_ops=cost.exit_ops,
              path_ops=cost.path_ops, full_ops=cost.full_ops)

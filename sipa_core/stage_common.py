@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sipa_core.checkpoint import load_model, create_spec_from
+from sipa_core.checkpoint import Checkpoint, build_model, create_spec_from, read_checkpoint
 from sipa_core.data.prepare import PreparedData, load_prepared
 from sipa_core.errors import SipaError
 from sipa_core.models import create_model
@@ -35,34 +35,34 @@ def create_seeded_model(spec: dict, seed: int, init: Path | None = None) -> nn.M
     torch.manual_seed(seed)
     model = create_model(spec)
     if init is not None:
-        loaded, meta = load_model(init, spec)
-        refuse_quantized(meta, init, "the weights to start from must be floating point")
-        model.load_state_dict(loaded.state_dict())
+        ckpt = read_checkpoint(init)
+        refuse_quantized(ckpt, init, "the weights to start from must be floating point")
+        model.load_state_dict(build_model(ckpt, spec).state_dict())
     return model
 
 
-def load_input_model(path: str | Path, data: PreparedData, where: str, producer: str):
-    """The previous stage's checkpoint (model, checkpoint dict), checked against the data."""
+def load_input_model(path: str | Path, data: PreparedData, where: str, producer: str) -> tuple[nn.Module, Checkpoint]:
+    """The previous stage's floating-point checkpoint (model, checkpoint), checked against the data."""
     path = Path(path)
     if not path.is_file():
         raise SipaError(f"{where}: checkpoint {path} not found; run the {producer} stage first")
     try:
-        model, meta = load_model(path)
+        ckpt = read_checkpoint(path)
+        refuse_quantized(ckpt, path, f"this stage takes a floating-point checkpoint (the {producer} stage's)")
+        model = build_model(ckpt)
     except SipaError as err:
         raise SipaError(f"{where}: {err}") from None
-    refuse_quantized(meta, f"{where}: {path}", f"this stage takes a floating-point checkpoint (the {producer} stage's)")
     if model.spec.get("num_classes") != data.num_classes:
         raise SipaError(f"{where}: {path} predicts {model.spec.get('num_classes')} classes, "
                         f"the data has {data.num_classes}")
-    return model, meta
+    return model, ckpt
 
 
-def refuse_quantized(meta: dict, path, why: str) -> None:
+def refuse_quantized(ckpt: Checkpoint, path, why: str) -> None:
     """A quantized checkpoint (the quantize stage's) where a floating-point one is needed is an error."""
-    quant = meta.get("quant") if isinstance(meta, dict) else None
-    if quant:
-        raise SipaError(f"{path} is already quantized ({quant.get('label', 'quantized')}, written by the quantize "
-                        f"stage); {why}")
+    if ckpt.quantized:
+        label = ckpt.record("quant").get("label", "quantized")
+        raise SipaError(f"{path} is already quantized ({label}, written by the quantize stage); {why}")
 
 
 def load_data(path: str | Path, where: str) -> PreparedData:

@@ -10,18 +10,17 @@ math ops = r * (path to the exit + exit module) + (1 - r) * (whole network
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sipa_core.checkpoint import fit_state_dict
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import make_activation
-from sipa_core.quantize.qat import quantized_structure
 from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, BitWidths, count, expected_ops
 from sipa_core.scoring.counter import tree_keys
+from sipa_core.train.evaluation import normalized
 
 LOSSES = ("softsmoothing", "cross_entropy")
 
@@ -39,30 +38,46 @@ class ExitModule(nn.Sequential):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 
 
+@dataclass(frozen=True)
+class ExitConfig:
+    """Where an exit sits and its shape: after block ``position`` (``channels`` x ``size`` x ``size``
+    features), a depthwise ``kernel``, a 1x1 expansion to ``width``, ``num_classes`` outputs."""
+
+    position: int
+    channels: int
+    size: int
+    width: int
+    kernel: int
+    activation: str
+    num_classes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def exit_config(main: nn.Module, position: int, width: int | None = None, kernel: int = 3,
-                activation: str | None = None) -> dict:
-    """The plain-data description of an exit after block ``position`` of ``main``."""
+                activation: str | None = None) -> ExitConfig:
+    """The exit after block ``position`` of ``main``."""
     infos = main.boundaries()
     if not 0 <= position < len(infos) - 1:
         raise SipaError(f"exit position {position} is not a block before the last one (0..{len(infos) - 2})")
-    return {"position": int(position), "channels": int(infos[position].out_channels),
-            "size": int(infos[position].out_size), "width": int(width or main.num_features),
-            "kernel": int(kernel), "activation": activation or main.spec.get("activation", "swish"),
-            "num_classes": int(main.spec["num_classes"])}
+    return ExitConfig(int(position), int(infos[position].out_channels), int(infos[position].out_size),
+                      int(width or main.num_features), int(kernel), activation or main.spec.get("activation", "swish"),
+                      int(main.spec["num_classes"]))
 
 
-def create_exit(cfg: dict) -> ExitModule:
-    return ExitModule(cfg["channels"], cfg["width"], cfg["num_classes"], cfg["activation"], cfg["kernel"])
+def create_exit(cfg: ExitConfig) -> ExitModule:
+    return ExitModule(cfg.channels, cfg.width, cfg.num_classes, cfg.activation, cfg.kernel)
 
 
 class EarlyExitNetwork(nn.Module):
     """A main network (EfficientNet family) with one exit after block ``position``."""
 
-    def __init__(self, main: nn.Module, exit_cfg: dict, exit_module: nn.Module | None = None):
+    def __init__(self, main: nn.Module, exit_cfg: ExitConfig, exit_module: nn.Module | None = None):
         super().__init__()
         self.main = main
-        self.exit_cfg = dict(exit_cfg)
-        self.position = exit_cfg["position"]
+        self.exit_cfg = exit_cfg
+        self.position = exit_cfg.position
         self.exit = exit_module if exit_module is not None else create_exit(exit_cfg)
 
     def features(self, x):
@@ -97,26 +112,13 @@ class EarlyExitNetwork(nn.Module):
         return logits, exited
 
 
-def from_record(main: nn.Module, record: dict, path="checkpoint", quant: dict | None = None) -> EarlyExitNetwork:
-    """The network a checkpoint's ``exit`` record describes (config + weights); ``quant``: the
-    checkpoint's quantization record (the exit is then built quantized, at its recorded widths)."""
-    cfg = {k: v for k, v in record.items() if k not in ("state", "threshold", "exit_ratio", "loss", "rule")}
-    try:
-        net = EarlyExitNetwork(main, cfg)
-    except (KeyError, TypeError) as err:
-        raise SipaError(f"{path}: malformed exit record ({err})") from None
-    if quant:
-        try:
-            quantized_structure(net.exit, quant, exit_module=True)
-        except SipaError as err:
-            raise SipaError(f"{path}: {err}") from None
-        try:
-            net.exit.load_state_dict(record["state"], strict=True)  # Brevitas restores its scales itself
-        except RuntimeError as err:
-            raise SipaError(f"{path}: quantized exit does not load: {str(err).splitlines()[0]}") from None
-        return net
-    fit_state_dict(net.exit, record["state"], path, "its exit module")
-    return net
+@torch.no_grad()
+def adaptive_predictions(net: EarlyExitNetwork, x, data, threshold: float, batch_size: int) -> torch.Tensor:
+    """Predicted labels of the real adaptive forward (the rest of the network only for samples that stay)."""
+    net.eval()
+    preds = [net.adaptive(normalized(chunk, data.mean, data.std), threshold)[0].argmax(1)
+             for chunk in x.split(batch_size)]
+    return torch.cat(preds)
 
 
 def softsmoothing_loss(logits: torch.Tensor, targets: torch.Tensor, labels=None) -> torch.Tensor:
@@ -184,7 +186,7 @@ def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16,
     main = count(net.main, input_shape, bits=bits, uniform_sparsity=main_uniform_sparsity)
     block = {b.name: b for b in main.blocks}[f"blocks.{net.position}"]
     cfg = net.exit_cfg
-    ex = count(net.exit, (cfg["channels"], cfg["size"], cfg["size"]), bits=bits if exit_bits is None else exit_bits,
+    ex = count(net.exit, (cfg.channels, cfg.size, cfg.size), bits=bits if exit_bits is None else exit_bits,
                uniform_sparsity=exit_uniform_sparsity)
     ms = main.summary()
     es = ex.summary()

@@ -1,9 +1,10 @@
-"""The exit rule: how an exit threshold is chosen on the validation split.
+"""The exit rule: how an exit is kept and its threshold chosen on the validation split.
 
-One home for it. The accelerate stage applies it when it chooses the exit
-and writes it into the exit record of its checkpoint; the quantizing stage
-reads it from there (not from the ``accelerate`` params section) and applies
-it again to the quantized network. The rule:
+One home for it, used by both stages that choose: the accelerate stage applies
+it when it chooses the exit and writes it into the exit record of its
+checkpoint; the quantizing stage reads it from there (not from the
+``accelerate`` params section) and applies it again, by ``decide`` too, to
+the quantized network. The rule:
 
 - the validation target is ``max(min_accuracy, main_val_accuracy - max_drop)``
   (either term left out when null);
@@ -12,7 +13,10 @@ it again to the quantized network. The rule:
 - ``choose`` takes the point of lowest score that meets the target (ties:
   higher validation accuracy, then the higher threshold); ``most_exits`` the
   point sending most validation images out while meeting it (the compared
-  loss's exit, for the risk-coverage claim).
+  loss's exit, for the risk-coverage claim);
+- ``decide``: no point meets the target, or (``allow_no_exit``) the chosen
+  point's score is not below the network's own without an exit: the network
+  passes through without its exit.
 """
 
 from __future__ import annotations
@@ -31,20 +35,20 @@ class ExitRule:
     thresholds: tuple[float, ...]
     min_accuracy: float | None = None
     max_drop: float | None = None
+    allow_no_exit: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict) -> ExitRule:
         """The rule of an ``accelerate`` params section (checked)."""
-        return cls(tuple(cfg["thresholds"]), cfg["min_accuracy"], cfg["max_drop"])
+        return cls(tuple(cfg["thresholds"]), cfg["min_accuracy"], cfg["max_drop"], cfg["allow_no_exit"])
 
     @classmethod
-    def from_record(cls, record: dict, path) -> ExitRule:
-        """The rule an accelerate checkpoint's exit record carries."""
-        rule = record.get("rule")
-        if not isinstance(rule, dict) or not rule.get("thresholds"):
-            raise SipaError(f"{path}: the exit record carries no threshold rule (written by an older accelerate "
-                            f"stage); run the accelerate stage again")
-        return cls(tuple(rule["thresholds"]), rule.get("min_accuracy"), rule.get("max_drop"))
+    def from_dict(cls, rule, path) -> ExitRule:
+        """The rule an exit record carries; one written before the rule was whole is refused."""
+        if not isinstance(rule, dict) or not rule.get("thresholds") or not isinstance(rule.get("allow_no_exit"), bool):
+            raise SipaError(f"{path}: the exit record carries no complete threshold rule (written by an older "
+                            f"accelerate stage); run the accelerate stage again")
+        return cls(tuple(rule["thresholds"]), rule.get("min_accuracy"), rule.get("max_drop"), rule["allow_no_exit"])
 
     def as_record(self) -> dict:
         return {**asdict(self), "thresholds": list(self.thresholds)}
@@ -106,3 +110,43 @@ def most_exits(points: list[ThresholdPoint], target: float) -> ThresholdPoint | 
         if p.val_accuracy >= target - 1e-12 and (best is None or p.val_exit_ratio > best.val_exit_ratio):
             best = p
     return best
+
+
+@dataclass(frozen=True)
+class MainNetwork:
+    """The network without its exit, as the exit is judged against it: validation and test
+    accuracy and its MicroNet keys."""
+
+    val_accuracy: float
+    test_accuracy: float
+    score: dict
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    """What the rule chose on validation: a point, or none and why."""
+
+    chosen: ThresholdPoint | None
+    target: float
+    passthrough_reason: str | None = None
+    best_exit_score: float | None = None
+
+    def metrics(self) -> dict:
+        out = {"val_target": self.target}
+        if self.passthrough_reason is not None:
+            out["passthrough_reason"] = self.passthrough_reason
+        if self.best_exit_score is not None:
+            out["best_exit_score"] = self.best_exit_score
+        return out
+
+
+def decide(candidates: list[ThresholdPoint], rule: ExitRule, main: MainNetwork) -> ExitDecision:
+    """The chosen candidate on validation, or none (with the reason) when the network passes through."""
+    target = rule.target(main.val_accuracy)
+    chosen = choose(candidates, target)
+    if chosen is None:
+        return ExitDecision(None, target, "no exit meets the validation accuracy target")
+    if rule.allow_no_exit and chosen.score >= main.score["score"]:
+        return ExitDecision(None, target, f"the best exit (score {chosen.score:.6f}) does not lower the score",
+                            chosen.score)
+    return ExitDecision(chosen, target)

@@ -98,7 +98,7 @@ def _efficientnet_init(model: nn.Module) -> None:
 
 
 # Weight initialisation rules by name (the spec's ``init``). The default is PyTorch's: at short
-# budgets it trained best of the rules measured (README "Engine parity": 15 epochs on 5,000
+# budgets it trained best of the rules measured (docs/results.md "Engine parity": 15 epochs on 5,000
 # CIFAR-10 images, PyTorch's default several points above the reference rule).
 INIT_RULES = {"pytorch": _pytorch_init, "efficientnet": _efficientnet_init}
 

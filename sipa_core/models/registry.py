@@ -15,7 +15,7 @@ from sipa_core.errors import SipaError
 from sipa_core.models.efficientnet import EfficientNet, efficientnet_spec
 from sipa_core.models.wrn import WideResNet, wrn_spec
 
-# The searched SIPA baseline, unscaled block arguments (facts sheet, section 1);
+# The searched SIPA baseline, unscaled block arguments (the authors' public code, Lee-Gihun/MicroNet_OSI-AI);
 # width 0.9 gives the 24-16-24-40-40-48-64-64-80-80-96 table, resolution
 # 1.4^2 = 1.96 the 63x63 input.
 SIPA_BASELINE_BLOCKS = [

@@ -3,7 +3,8 @@
 from sipa_core.prune.masks import (GRANULARITIES, NORMALIZATIONS, SCOPES, apply_masks, full_masks, layer_table,
                                    magnitude_masks, masks_from_zeros, prunable, refresh_spec, remove_filters, scores,
                                    sparsity)
-from sipa_core.prune.stage import PAPER_SCHEDULE, PRUNE_SCHEMA, STAGE, prune, read_config, select_round
+from sipa_core.prune.rounds import select_round
+from sipa_core.prune.stage import PAPER_SCHEDULE, PRUNE_SCHEMA, STAGE, prune, read_config
 
 __all__ = ["GRANULARITIES", "NORMALIZATIONS", "PAPER_SCHEDULE", "PRUNE_SCHEMA", "SCOPES", "STAGE", "apply_masks",
            "full_masks", "layer_table", "magnitude_masks", "masks_from_zeros", "prunable", "prune", "read_config",

@@ -95,19 +95,11 @@ def magnitude_masks(model: nn.Module, masks: dict[str, torch.Tensor], target: fl
         return new
     if scope != "global":
         raise SipaError(f"unknown pruning scope {scope!r}; known: {', '.join(SCOPES)}")
-    names = list(sc)
-    flat = torch.cat([sc[n].flatten() for n in names])
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    keep[_smallest(flat, round(target * flat.numel()))] = False
-    offset = 0
-    for n in names:
-        size = sc[n].numel()
-        new[n] = keep[offset:offset + size].view_as(sc[n])
-        offset += size
-    return new
+    return _global_threshold(sc, target)
 
 
 def _global_threshold(sc: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+    """One threshold over every tensor's scores: the ``target`` fraction of smallest scores removed."""
     names = list(sc)
     flat = torch.cat([sc[n].flatten() for n in names])
     keep = torch.ones_like(flat, dtype=torch.bool)

@@ -21,18 +21,25 @@ Each conv and linear layer gets one width for its weights and its input, from
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from sipa_core.errors import SipaError
+from sipa_core.io import atomic_write_json
 from sipa_core.quantize.qat import calibrate, fold_batchnorm, quantize_modules
 from sipa_core.quantize.quantizers import Quantizers, quantization_targets
+from sipa_core.quantize.training import QuantRun
+from sipa_core.resume import run_key
 from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, BitWidths, count
+from sipa_core.train.evaluation import normalized
 
 FLOAT = 16  # the width of the layers not under test: floating point
+ALLOCATION_COLUMNS = ["layer", "bits", "val_drop", "score"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +126,42 @@ def allocate(drops: dict, costs: dict, fixed: float, *, budget: float | None = N
     widths = {n: chosen[n] for n in layers}
     return Allocation(widths, drops, costs, fixed, float(sum(drops[(n, b)] for n, b in widths.items())),
                       fixed + float(sum(costs[(n, b)] for n, b in widths.items())))
+
+
+def _measured_drops(run: QuantRun, widths: BitWidths) -> dict:
+    """Each layer's validation drop at each width, kept in the state folder so that a resumed run
+    does not measure them again."""
+    cfg, data = run.cfg, run.data
+    saved = Path(cfg["state"]) / f"drops-{run_key({**run.key, 'choices': cfg['width_choices']})}.json"
+    if saved.is_file():
+        return {(n, int(b)): d for n, b, d in json.loads(saved.read_text())}
+    x, y = data.split("val")
+    bs = run.recipe["eval_batch_size"]
+    validation = [(normalized(x[i:i + bs], data.mean, data.std), y[i:i + bs]) for i in range(0, len(y), bs)]
+    drops = layer_drops(run.main, cfg["width_choices"], widths, run.quantizers, run.batches(), validation)
+    atomic_write_json(saved, [[n, b, d] for (n, b), d in drops.items()])
+    return drops
+
+
+def allocate_widths(run: QuantRun) -> Allocation:
+    """Each layer's width under ``budget`` or ``max_drop``: drops on validation, exact costs, the
+    integer program. An infeasible budget is said before any drop is measured."""
+    cfg = run.cfg
+    if not len(run.data.val_y):
+        raise SipaError(f"{run.params_file}: quantize.layer_widths: allocated measures each layer on the "
+                        f"validation split, but it is empty (prepare.val_size: 0)")
+    widths = replace(cfg["widths"], unsigned=run.quantizers.unsigned())
+    costs, fixed = layer_costs(run.main, (3, *run.data.image_size), cfg["width_choices"], widths)
+    try:
+        if cfg["budget"] is not None:  # infeasible whatever the drops: said before measuring them
+            allocate({k: 0.0 for k in costs}, costs, fixed, budget=cfg["budget"])
+        return allocate(_measured_drops(run, widths), costs, fixed, budget=cfg["budget"], max_drop=cfg["max_drop"])
+    except SipaError as err:
+        raise SipaError(f"{run.params_file}: {err}") from None
+
+
+def allocation_metrics(allocation: Allocation | None) -> dict:
+    if allocation is None:
+        return {}
+    return {"allocated_widths": allocation.widths, "allocation_predicted_drop": allocation.predicted_drop,
+            "allocation_predicted_score": allocation.predicted_score}

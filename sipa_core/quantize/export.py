@@ -23,8 +23,11 @@ import onnx
 import torch
 from torch import nn
 
-from sipa_core.quantize.onnx_integer import rewrite_integer, session_and_warnings
-from sipa_core.train.evaluation import normalized
+from sipa_core.io import atomic_write_bytes
+from sipa_core.quantize.onnx_integer import (FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts, rewrite_integer,
+                                             session_and_warnings)
+from sipa_core.quantize.qat import quantized_layer_count
+from sipa_core.train.evaluation import accuracy, normalized
 
 OPSET = 17
 
@@ -125,3 +128,34 @@ def onnx_predictions(model: OnnxNetwork, x_uint8: torch.Tensor, mean, std, batch
         x = normalized(x_uint8[i:i + batch_size], mean, std).numpy()
         preds.append(torch.from_numpy(model.logits(x, adaptive)[0].argmax(1)))
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def export_and_check(main: nn.Module, net, threshold: float | None, data, test_predictions: torch.Tensor,
+                     folder: Path) -> tuple[dict[str, bytes], dict]:
+    """Export the network to ONNX in ``folder`` and run the test split with onnxruntime (adaptively at
+    ``threshold`` with an exit): (the files' bytes by name, metrics: accuracy, agreement with the
+    PyTorch predictions, and the kernels onnxruntime runs the layers with after its optimisations)."""
+    h = data.image_size[0]
+    files = export_network(main, net, (3, h, h), Path(folder))
+    x, y = data.split("test")
+    preds = onnx_predictions(OnnxNetwork.load(files, threshold), x, data.mean, data.std)
+    ops = integer_kernel_counts(files["full"])
+    metrics = {"onnx_accuracy": accuracy(preds, y),
+               "onnx_agreement": float((preds == test_predictions).float().mean()),
+               "onnx_integer_layers": sum(ops.get(k, 0) for k in INTEGER_KERNELS),
+               "onnx_float_layers": sum(ops.get(k, 0) for k in FLOAT_KERNELS),
+               "quantized_layers": quantized_layer_count(main)}
+    return {f"{name}.onnx": path.read_bytes() for name, path in files.items()}, metrics
+
+
+def write_onnx(folder: Path, files: dict[str, bytes]) -> None:
+    """The exported files, each written atomically (inside the stage's publishing block)."""
+    for name, data in files.items():
+        atomic_write_bytes(Path(folder) / name, data)
+
+
+def drop_stale_onnx(folder: Path, files: dict[str, bytes]) -> None:
+    """Files of an earlier run that this one did not write (an exit's graphs after a run without one)."""
+    for old in Path(folder).glob("*.onnx"):
+        if old.name not in files:
+            old.unlink()

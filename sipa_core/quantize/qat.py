@@ -174,25 +174,3 @@ def float_twin(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(twin.get_submodule(parent_name) if parent_name else twin, child, plain.to(m.weight.device))
     return twin.eval()
-
-
-def exit_widths(quant: dict) -> BitWidths:
-    """The widths an exit module of a quantized checkpoint was trained and is counted at (its own
-    record; older checkpoints: the default widths without per-layer overrides)."""
-    if quant.get("exit_widths"):
-        return BitWidths.from_dict(quant["exit_widths"])
-    return BitWidths.from_dict(quant["widths"]).without_overrides()
-
-
-def quantized_structure(model: nn.Module, quant: dict, exit_module: bool = False) -> nn.Module:
-    """Turn a freshly built float network into the structure of a quantized checkpoint
-    (``quant``: its record): BatchNorm folded, layers quantized at the recorded widths and
-    quantizers (an exit module at its own). The weights are loaded after this."""
-    try:
-        widths = exit_widths(quant) if exit_module else BitWidths.from_dict(quant["widths"])
-        quantizers = Quantizers.from_record(quant.get("exit_quantizers" if exit_module else "quantizers"))
-    except (KeyError, TypeError, ValueError) as err:
-        raise SipaError(f"malformed quantization record ({err})") from None
-    fold_batchnorm(model)
-    quantize_modules(model, widths, quantizers)
-    return model

@@ -1,4 +1,5 @@
-"""Which Brevitas quantizer each layer gets, beyond its widths (facts sheet section 9).
+"""Which Brevitas quantizer each layer gets, beyond its widths (asymmetric inputs after swish:
+LSQ+, Bhalgat et al. 2020).
 
 Activations (the input of every conv and linear layer, per tensor):
 

@@ -9,7 +9,8 @@ addition costs add_bits / 32 (the accumulator, 32 unless the model really
 accumulates narrower). The 16-bit freebie is the same rule with every
 weight and activation at 16 bits.
 
-``add`` is the accounting of the additions (facts sheet section 9): a width
+``add`` is the accounting of the additions (the MicroNet rules let an entry count additions at the
+width it accumulates at; the 2019 winner's public counter offers these accountings): a width
 (32, the strict accounting; 16, FP16 accumulation; any width 1..32) for
 every addition, or ``"int"`` / ``"tree"``, the accountings the 2019 entries
 used: a conv or linear layer's accumulation over the n nonzero weights of an

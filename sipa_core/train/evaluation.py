@@ -5,6 +5,7 @@ count what is not quantized at 16 bits only when the network runs it there)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -101,3 +102,19 @@ def evaluate(model: nn.Module, data: PreparedData, split: str = "test", *, fp16:
     if len(y) == 0:
         return float("nan")
     return accuracy(predict(model, x, data.mean, data.std, batch_size=batch_size, fp16=fp16), y)
+
+
+@dataclass(frozen=True)
+class SplitReader:
+    """The labels of a prepared data set's splits and a model's logits on them, as a stage reads
+    them (one batch size; ``fp16``: the network run at 16 bits, as counted under the freebie)."""
+
+    data: PreparedData
+    batch_size: int
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self.data.split(split)[1]
+
+    def logits(self, model: nn.Module, split: str, fp16: bool = False) -> torch.Tensor:
+        x, _ = self.data.split(split)
+        return predict(model, x, self.data.mean, self.data.std, batch_size=self.batch_size, fp16=fp16)

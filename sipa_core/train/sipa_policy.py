@@ -1,4 +1,5 @@
-"""The authors' CIFAR-100 augmentation policy (facts sheet section 8), per image and batched.
+"""The authors' CIFAR-100 augmentation policy (their public code, Lee-Gihun/MicroNet_OSI-AI), per
+image and batched.
 
 25 sub-policies of two ops each, searched with HyperOpt by the authors. Every
 IMAGE draws one sub-policy uniformly; op1 applies with probability p1, then
@@ -25,7 +26,7 @@ from torchvision.transforms.v2 import InterpolationMode
 
 FILL = [128.0, 128.0, 128.0]
 
-# (p1, op1, m1, p2, op2, m2), facts sheet section 8.
+# (p1, op1, m1, p2, op2, m2), as in the authors' public code.
 SUBPOLICIES = [
     (0.9879, "solarize", 1, 0.0387, "rotate", 8), (0.5907, "autocontrast", 2, 0.0777, "shearX", 9),
     (0.1806, "contrast", 3, 0.6762, "translateY", 1), (0.4678, "posterize", 0, 0.5506, "contrast", 2),
