@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import sipa_core.accelerate.stage as accelerate_stage
+import sipa_core.accelerate.training as exit_training
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.accelerate import accelerate, load_early_exit, read_config
+from sipa_core.accelerate.compare import _at_target
 from sipa_core.accelerate.rule import ThresholdPoint, choose
-from sipa_core.accelerate.stage import _calibrated_on_val
+from sipa_core.accelerate.training import exit_train_mode
 from sipa_core.checkpoint import save_model
 from sipa_core.accelerate.exits import (EarlyExitNetwork, exit_config, exit_cost, risk_coverage, simulate,
                                   softsmoothing_loss)
@@ -24,17 +25,19 @@ from sipa_core.models import create_model
 from sipa_core.prune.masks import prunable
 from sipa_core.data.prepare import load_prepared
 from sipa_core.train import default_recipe, fit, sixteen_bit, normalized
+from sipa_core.train.evaluation import SplitReader
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-6
 
 
 def test_authors_exit_after_block_4_at_64_percent():
-    """Facts sheet: exit module after block 4 of sipa_baseline, main at 64% uniform
-    sparsity, exit ratio 0.3217 -> params 0.455319 MB, scores 0.003119 + 0.002847."""
+    """The authors' exit (their public code, Lee-Gihun/MicroNet_OSI-AI): after block 4 of
+    sipa_baseline, main at 64% uniform sparsity, exit ratio 0.3217 -> params 0.455319 MB, scores
+    0.003119 + 0.002847."""
     main = create_model("sipa_baseline")
     net = EarlyExitNetwork(main, exit_config(main, 4))
-    assert net.exit_cfg["channels"] == 48 and net.exit_cfg["size"] == 15 and net.exit_cfg["width"] == 136
+    assert net.exit_cfg.channels == 48 and net.exit_cfg.size == 15 and net.exit_cfg.width == 136
     cost = exit_cost(net, (3, 32, 32), main_uniform_sparsity=0.64)
     assert cost.exit_bytes == 41_688 and cost.exit_ops == 2_503_432
     s = cost.summary(0.3217)
@@ -81,17 +84,8 @@ def test_frozen_main_weights_do_not_change(update_bn):
         p.requires_grad_(False)
     net = EarlyExitNetwork(main, exit_config(main, 0))
     exit_before = {k: v.clone() for k, v in net.exit.state_dict().items()}
-
-    def train_mode(m):
-        m.eval()
-        m.exit.train()
-        if update_bn:
-            for mod in m.main.modules():
-                if isinstance(mod, torch.nn.BatchNorm2d):
-                    mod.train()
-
     fit(net, data, default_recipe(epochs=2, batch_size=16, lr=0.1), params=net.exit.parameters(),
-        loss_fn=softsmoothing_loss, train_mode=train_mode, val_split=None, progress=False)
+        loss_fn=softsmoothing_loss, train_mode=exit_train_mode(update_bn), val_split=None, progress=False)
     after = main.state_dict()
     for k, v in before.items():
         if update_bn and ("running_" in k or "num_batches" in k):
@@ -177,7 +171,7 @@ def test_stage_trains_calibrates_on_validation_and_resumes(tmp_path, monkeypatch
     table = (tmp_path / "a/plots/exits.csv").read_text().splitlines()
     assert table[0].startswith("position,channels,size,path_ops_ratio") and len(table) >= 3
     net, record = load_early_exit(tmp_path / "a/models/acc.pt")
-    assert record["threshold"] == m["threshold"]
+    assert record.threshold == m["threshold"] and record.exit_ratio == m["exit_ratio"]
     # The test exit ratio, recomputed from the saved exit: the share of test images whose exit
     # confidence (maximum softmax, fp16 weights as bits 16 scores them) is above the threshold.
     data = load_prepared(tmp_path / "a/data.pt")
@@ -192,8 +186,9 @@ def test_stage_trains_calibrates_on_validation_and_resumes(tmp_path, monkeypatch
 
     # Re-calibration (another target) trains nothing and recomputes no cached logits.
     calls = []
-    monkeypatch.setattr(accelerate_stage, "fit", lambda *a, **k: calls.append(1))  # where the stage looks them up
-    monkeypatch.setattr(accelerate_stage, "predict", lambda *a, **k: calls.append(2))
+    monkeypatch.setattr(exit_training, "fit", lambda *a, **k: calls.append(1))  # where exit training looks them up
+    monkeypatch.setattr(exit_training, "predict", lambda *a, **k: calls.append(2))
+    monkeypatch.setattr(SplitReader, "logits", lambda *a, **k: calls.append(3))
     cfg = read_config(_stage_params(tmp_path / "a", main_ckpt, max_drop=0.5, **trained))
     again = accelerate(cfg, params_file=str(params), progress=False)
     assert calls == [] and again["val_target"] < m["val_target"]
@@ -258,10 +253,10 @@ def test_compared_loss_is_calibrated_at_the_same_validation_target():
     saved = {"val": probs.log(), "test": probs.log()}
     main = {"val": torch.tensor([[1.0, 0.0]] * 4), "test": torch.tensor([[1.0, 0.0]] * 4)}
     labels = torch.zeros(4, dtype=torch.long)
-    run = SimpleNamespace(cfg={"thresholds": [0.5, 0.85]}, labels=lambda split: labels)
+    trainer = SimpleNamespace(cfg={"thresholds": [0.5, 0.85]}, splits=SimpleNamespace(labels=lambda split: labels))
     # 0.5: all four leave (val accuracy 3/4); 0.85: images 0, 1 leave (4/4, the rest from the main net).
-    assert _calibrated_on_val(run, saved, main, 0.9, "ce") == {"ce_threshold": 0.85, "ce_exit_ratio": 0.5,
-                                                                "ce_accuracy": 1.0}
-    assert _calibrated_on_val(run, saved, main, 0.7, "ce") == {"ce_threshold": 0.5, "ce_exit_ratio": 1.0,
-                                                                "ce_accuracy": 0.75}
-    assert _calibrated_on_val(run, saved, main, 1.01, "ce")["ce_threshold"] is None
+    assert _at_target(trainer, saved, main, 0.9, "ce") == {"ce_threshold": 0.85, "ce_exit_ratio": 0.5,
+                                                           "ce_accuracy": 1.0}
+    assert _at_target(trainer, saved, main, 0.7, "ce") == {"ce_threshold": 0.5, "ce_exit_ratio": 1.0,
+                                                           "ce_accuracy": 0.75}
+    assert _at_target(trainer, saved, main, 1.01, "ce")["ce_threshold"] is None

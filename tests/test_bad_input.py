@@ -16,6 +16,8 @@ from helpers import save_prepared, tiny_arch_yaml, tiny_data, tiny_model
 from sipa_core.checkpoint import save_model
 from sipa_core.errors import SipaError
 from sipa_core.lineage import lineage_record
+from sipa_core.quantize.quantizers import Quantizers
+from sipa_core.quantize.record import QuantRecord
 from sipa_core.models import create_model
 from sipa_core.quantize.qat import calibrate, fold_batchnorm, quantize_modules
 from sipa_core.scoring.bits import BitWidths
@@ -49,7 +51,14 @@ def project(tmp_path_factory):
     quantize_modules(quantized, widths)
     calibrate(quantized, [data.train_x[:8].float() / 255])
     save_model(d / "quantized.pt", quantized, lineage=lineage_record(data, ["train"]),
-               quant={"widths": widths.as_dict(), "label": widths.label(), "batchnorm_folded": True})
+               records={"quant": QuantRecord(widths, Quantizers())})
+    ckpt = torch.load(d / "good.pt", weights_only=True)  # records as another version would write them
+    torch.save({**ckpt, "foo": 1}, d / "other_version.pt")
+    exit_record = {"position": 0, "channels": 8, "size": 8, "width": 16, "kernel": 3, "activation": "swish",
+                   "num_classes": 10, "state": {}, "threshold": 0.5, "exit_ratio": 0.5, "loss": "softsmoothing",
+                   "rule": {"thresholds": [0.5], "min_accuracy": None, "max_drop": 0.1}}  # no allow_no_exit
+    torch.save({**ckpt, "exit": exit_record}, d / "old_exit.pt")
+    (d / "wrn.yaml").write_text("family: wrn\ndepth: 10\nwiden: 1\nnum_classes: 10\nimage_size: 16\n")
     (d / "empty_folder/train").mkdir(parents=True)
     (d / "empty_folder/test").mkdir(parents=True)
     for split in ("train", "test"):
@@ -65,6 +74,7 @@ GOOD = {
                 "final_epochs": 1, "base": {"batch_size": 16}},
     "prune": {"model": "good.pt", "data": "data.pt", "schedule": [0.5], "epochs": 1},
     "accelerate": {"model": "good.pt", "data": "data.pt", "positions": [0], "epochs": 1},
+    "quantize": {"model": "good.pt", "data": "data.pt", "epochs": 0, "exit_epochs": 0, "compare_widths": []},
     "report": {"stages": ["prune"]},
 }
 
@@ -103,6 +113,16 @@ CASES = [
     ("prune", {"prune": {"recipe": {"distill_weight": 1.5}}}, "prune.recipe.distill_weight: must be <= 1"),
     ("improve", {"improve": {"base": {"distill_weight": 0.5}}}, "improve.base.distill_weight: this stage has no"),
     ("accelerate", {"accelerate": {"recipe": {"distill_weight": 0.5}}}, "accelerate.recipe.distill_weight: this"),
+    # A misspelt section would run its stage on defaults: refused, with a did-you-mean.
+    ("prune", "prune: {model: good.pt, data: data.pt}\nprnue: {epochs: 1}\n",
+     "params.yaml: prnue: unknown section (did you mean prune?)"),
+    # A structural setting the network cannot record (it would be rebuilt without it), said before training.
+    ("improve", {"improve": {"arch": "wrn.yaml", "base": {"drop_connect": 0.1}}},
+     "improve.base sets drop_connect, but the network wrn has no drop_connect setting"),
+    # Checkpoints of another version: an unknown record; an exit record from before the whole rule.
+    ("prune", {"prune": {"model": "other_version.pt"}}, "other_version.pt: unknown checkpoint record 'foo'"),
+    ("quantize", {"quantize": {"model": "old_exit.pt"}},
+     "old_exit.pt: the exit record carries no complete threshold rule"),
 ]
 
 

@@ -102,7 +102,7 @@ def test_checkpoint_round_trip(tmp_path, sipa):
             (torch.rand_like(model.blocks[3].project[0].weight) > 0.5).float())
     path = save_model(tmp_path / "m.pt", model)
     loaded, ckpt = load_model(path)
-    assert ckpt["arch"]["num_classes"] == 10
+    assert ckpt.arch["num_classes"] == 10 and ckpt.stage is None and ckpt.records == {}
     x = torch.randn(2, 3, 32, 32)
     model.eval(), loaded.eval()
     assert torch.equal(model(x), loaded(x))
@@ -126,6 +126,21 @@ def test_arch_from_yaml(tmp_path, sipa):
     assert json.loads(p.stdout)["params"] > 0
     spec.write_text("family: efficientnet\nblocks: [r1_k3_s1_e1_i16_o16_qq]\n")
     assert_clean_failure(sipa("score", "--arch", str(spec)), "malformed block string", "qq")
+
+
+def test_input_size_builds_the_network_for_it_and_a_size_it_cannot_take_is_refused(tmp_path, sipa):
+    """--input-size with --arch counts the network as a stage builds it for data of that size; 0 (once
+    counted at 32 px without a word), a negative size, or a checkpoint's network at a size it was not
+    built for: one line, exit 2."""
+    at = {n: json.loads(sipa("score", "--arch", "sipa_baseline_32", "--input-size", str(n), "--json").stdout)
+          for n in (32, 16)}
+    assert at[16]["ops"] < at[32]["ops"] / 3 and at[16]["params"] == at[32]["params"]
+    assert_clean_failure(sipa("score", "--arch", "sipa_baseline_32", "--input-size", "0"),
+                         "--input-size must be a positive number of pixels, got 0")
+    assert_clean_failure(sipa("score", "--arch", "wrn28_10", "--input-size", "-8"), "got -8")
+    path = save_model(tmp_path / "m.pt", create_model("sipa_baseline_32", num_classes=10))
+    assert_clean_failure(sipa("score", "--checkpoint", str(path), "--input-size", "64"),
+                         "--input-size 64", "built for 32x32 inputs")
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, sipa):

@@ -124,6 +124,17 @@ def test_the_closure_sees_lazy_imports_and_package_inits(tmp_path):
     assert "sipa_core/cli.py" not in files and "sipa_core/pipeline.py" not in files
 
 
+def test_no_earlier_stage_runs_quantization_code():
+    """An edit to quantization-aware training or to loading a quantized checkpoint re-runs the
+    quantizing stage only: no earlier stage imports sipa_core/quantize (nor lists it in dvc.yaml),
+    so a user's cached search, improving and pruning (hours on a real data set) stay valid."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("search", "improve", "prune", "accelerate"):
+        imported = [f for f in closure(stage_scripts()[name]) if f.startswith("sipa_core/quantize")]
+        assert not imported, (name, imported)
+        assert not [d for d in stages[name]["deps"] if d.startswith("sipa_core/quantize")], name
+
+
 if __name__ == "__main__":
     for stage, script in stage_scripts().items():
         print(f"{stage}:")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, softsmoothing_loss
-from sipa_core.accelerate.stage import exit_recipe
+from sipa_core.accelerate.training import exit_recipe
 from sipa_core.data.prepare import load_prepared, prepare
 from sipa_core.models import create_model, create_spec
 from sipa_core.train import check_recipe, fit, normalized
@@ -52,7 +52,7 @@ def test_exit_recipe_gives_confident_exits_where_the_inherited_one_cannot(tmp_pa
         p.requires_grad_(False)
 
     stage_cfg = {"recipe": {"lr": 0.05, "batch_size": 64}, "epochs": 6, "seed": 0}
-    own = exit_recipe(stage_cfg, {"recipe": main_recipe}, "params.yaml")
+    own = exit_recipe(stage_cfg, main_recipe, "params.yaml")
     assert own["label_smoothing"] == 0.0 and own["mixup_alpha"] == 0.0  # whatever the main network used
     inherited = check_recipe({**main_recipe, "ghost_batch": 0, **stage_cfg["recipe"], "epochs": 6})
     own_share = _share_above(_train_exit(main, data, own), data)

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import sipa_core.improve.stage as improve_stage
+import sipa_core.improve.runs as improve_runs
 import sipa_core.train as train_mod
 from helpers import tiny_model, save_prepared, tiny_arch_yaml, tiny_data
 from sipa_core.improve import (CATEGORIES, TECHNIQUES, apply_techniques, greedy_select, improve, ordered,
                                read_config)
-from sipa_core.checkpoint import save_model
+from sipa_core.checkpoint import load_model, save_model
 from sipa_core.params import check_section
+from sipa_core.report import claims_markdown
 from sipa_core.improve import OPTIONS_SCHEMA
 from sipa_core.train import default_recipe, fit
 
@@ -89,7 +90,7 @@ def test_stage_selects_trains_and_resumes(tmp_path, monkeypatch):
         calls.append(res.epochs - res.resumed_from)
         return res
 
-    monkeypatch.setattr(improve_stage, "fit", counting_fit)  # where the stage looks it up
+    monkeypatch.setattr(improve_runs, "fit", counting_fit)  # where the stage looks it up
     m = improve(read_config(params), params_file=str(params), progress=False)
     assert m["adopted"].split(",")[0] == "larger_lr"  # lr 1e-4 learns nothing in 3 epochs; 0.1 does
     assert m["accuracy"] > m["base_accuracy"]
@@ -156,3 +157,37 @@ def test_a_network_worse_than_the_searched_one_is_said(tmp_path, capsys):
     m = improve(read_config(params), params_file=str(params), progress=False)
     assert m["worse_than_input"] is True and m["input_val_accuracy"] > m["val_accuracy"]
     assert "WORSE on validation than the search's trained network" in capsys.readouterr().err
+
+
+def test_nothing_adopted_trains_the_final_network_once_and_says_so(tmp_path, monkeypatch):
+    """No technique adopted on validation: the final network is the base recipe's network, trained
+    once (not a second time under another run key), and the claims say nothing was adopted."""
+    params = write_params(tmp_path, candidates=["cosine"], threshold=0.9, trial_epochs=1, final_epochs=1)
+    calls = []
+    real_fit = train_mod.fit
+
+    def counting_fit(*args, **kwargs):
+        calls.append(kwargs.get("tag"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(improve_runs, "fit", counting_fit)
+    m = improve(read_config(params), params_file=str(params), progress=False)
+    assert m["adopted"] == "-" and m["base_is_final"] is True
+    assert m["base_accuracy"] == m["accuracy"] and m["gain_over_base"] == 0.0
+    assert calls == ["trial", "trial", "final"]  # base trial, cosine trial, one final training
+    assert not (tmp_path / "state/base-final").exists()
+    claims = claims_markdown({"improve": m})
+    assert "no technique was adopted on validation" in claims and "| nothing adopted |" in claims
+    assert "does not hold" not in claims
+
+
+def test_swish_on_a_network_without_an_activation_key_is_recorded(tmp_path):
+    """wrn28_10's spec once had no activation key: swish swapped the modules but the checkpoint
+    rebuilt ReLU under swish-trained weights. Now the spec records it and the network rebuilds as trained."""
+    (tmp_path / "wrn.yaml").write_text("family: wrn\ndepth: 10\nwiden: 1\nnum_classes: 10\n")
+    params = write_params(tmp_path, arch=str(tmp_path / "wrn.yaml"), greedy=False, adopt=["swish"],
+                          final_epochs=1, compare_base=False)
+    improve(read_config(params), params_file=str(params), progress=False)
+    model, ckpt = load_model(tmp_path / "models/improve.pt")
+    assert ckpt.arch["activation"] == "swish"
+    assert {type(m).__name__ for m in model.modules() if type(m).__name__ in ("ReLU", "SiLU")} == {"SiLU"}

@@ -8,7 +8,8 @@ from sipa_core.models import (create_model, decode_block, efficientnet_spec, cre
                               round_filters)
 from sipa_core.models.layers import same_padding
 
-# Facts sheet, section 1: (kernel, stride, expand, in, out, SE width, residual, out size).
+# The searched baseline as the authors' public code builds it (Lee-Gihun/MicroNet_OSI-AI):
+# (kernel, stride, expand, in, out, SE width, residual, out size).
 BASELINE_TABLE = [
     (3, 1, 1, 24, 16, 4, False, 31),
     (3, 1, 6, 16, 24, 3, False, 31),
@@ -51,7 +52,7 @@ def test_same_padding_as_if_32_pixels():
     assert same_padding(5, 2, 16) == (1, 2)
 
 
-def test_sipa_baseline_matches_the_facts_table():
+def test_sipa_baseline_matches_the_authors_table():
     model = create_model("sipa_baseline").eval()
     assert model.input_size == 63
     stem_conv = model.stem[0]

@@ -1,5 +1,5 @@
-"""The RESOLVED paper profile, item by item, against the facts sheet
-(../shared/reference/sipa-facts.md, sections 1 and 3-8): what a user who runs
+"""The RESOLVED paper profile, item by item, against the paper (Appendix A) and the authors'
+public code (GitHub Lee-Gihun/MicroNet_OSI-AI): what a user who runs
 `make profile-paper && make repro` will really train."""
 
 import math
@@ -70,7 +70,7 @@ def test_exit_after_block_4_with_width_136_and_its_own_recipe(cfg, trainings):
     assert acc["positions"] == [4] and acc["loss"] == "softsmoothing" and acc["epochs"] == 800
     main = create_model(create_spec("sipa_baseline", num_classes=100, image_size=32))
     ecfg = exit_config(main, 4, acc["width"], acc["kernel"])
-    assert ecfg["width"] == 136 and ecfg["channels"] == 48 and ecfg["size"] == 15
+    assert ecfg.width == 136 and ecfg.channels == 48 and ecfg.size == 15
     exit_recipe = trainings["accelerate"]["exit after block 4"]
     assert exit_recipe["label_smoothing"] == 0.0  # one-hot softsmoothing targets
     assert exit_recipe["mixup_alpha"] == 0.0 and exit_recipe["cutmix_alpha"] == 0.0

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import yaml
 
 from sipa_core.accelerate import load_early_exit
-from sipa_core.checkpoint import load_model
+from sipa_core.accelerate.record import ExitRecord
+from sipa_core.checkpoint import load_model, read_checkpoint
 from sipa_core.data.prepare import load_prepared
 from sipa_core.scoring import count
 from sipa_core.train import evaluate, sixteen_bit, normalized
@@ -116,11 +117,12 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     quant = json.loads((path / "metrics/quantize.json").read_text())
     assert (quant["weight_bits"], quant["act_bits"]) == (8, 8) and quant["sparsity"] >= quant["input_sparsity"]
     if not acc["passthrough"]:  # the quantizing stage chose its threshold by the rule accelerate recorded
-        rule = load_model(path / PATHS["accelerate"]["out"])[1]["exit"]["rule"]
-        assert rule == {"thresholds": TINY_ACCELERATE["thresholds"], "min_accuracy": None, "max_drop": 0.3}
+        rule = ExitRecord.of(read_checkpoint(path / PATHS["accelerate"]["out"])).rule
+        assert rule.as_record() == {"thresholds": TINY_ACCELERATE["thresholds"], "min_accuracy": None,
+                                    "max_drop": 0.3, "allow_no_exit": True}
         if quant["exit_kept"]:
-            assert load_model(path / PATHS["quantize"]["out"])[1]["exit"]["rule"] == rule
-            assert quant["threshold"] in rule["thresholds"] and quant["val_accuracy"] >= quant["val_target"] - 1e-9
+            assert ExitRecord.of(read_checkpoint(path / PATHS["quantize"]["out"])).rule == rule
+            assert quant["threshold"] in rule.thresholds and quant["val_accuracy"] >= quant["val_target"] - 1e-9
     assert abs(quant["onnx_accuracy"] - quant["accuracy"]) <= 0.003
     summary = json.loads((path / "metrics/summary.json").read_text())
     assert summary["score"] == quant["score"] and quant["params_score"] < acc["params_score"]
@@ -182,10 +184,10 @@ def _check_accelerate_metrics(path) -> dict:
     checkpoint = path / PATHS["accelerate"]["out"]
     if acc["passthrough"]:
         assert acc["threshold"] is None and acc["exit_position"] is None and acc["exit_ratio"] == 0.0, acc
-        assert "exit" not in load_model(checkpoint)[1]
+        assert ExitRecord.of(read_checkpoint(checkpoint)) is None
         return acc
     net, record = load_early_exit(checkpoint)
-    assert acc["exit_position"] == record["position"] is not None and acc["threshold"] == record["threshold"]
+    assert acc["exit_position"] == record.config.position is not None and acc["threshold"] == record.threshold
     assert 0 <= acc["threshold"] <= 1 and acc["val_exit_ratio"] > 0
     data = load_prepared(path / PATHS["prepare"]["out"])
     x, _ = data.split("test")

@@ -1,4 +1,5 @@
-"""The authors' CIFAR-100 policy (facts sheet section 8): per-image draws, batched ops, the table."""
+"""The authors' CIFAR-100 policy (their public code, Lee-Gihun/MicroNet_OSI-AI, policy "cifar100"):
+per-image draws, batched ops, the table."""
 
 import math
 
@@ -58,7 +59,7 @@ def test_the_batched_policy_equals_the_ops_applied_image_by_image():
 
 
 def _expected(x, op, m, sign):
-    """The table's op at index m, computed here from the facts sheet's formulas."""
+    """The table's op at index m, computed here from the policy's magnitude formulas."""
     lin = lambda a, b: a + (b - a) * m / 9  # noqa: E731  np.linspace(a, b, 10)[m]
     fill, nearest = [128.0] * 3, InterpolationMode.NEAREST
     if op == "translateX" or op == "translateY":

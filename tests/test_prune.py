@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-import sipa_core.prune.stage as prune_stage
+import sipa_core.prune.rounds as prune_rounds
 import sipa_core.train as train_mod
 from helpers import save_prepared, tiny_data, tiny_model
 from sipa_core.checkpoint import load_model, save_model
@@ -222,16 +222,16 @@ def test_stage_runs_rounds_selects_and_resumes(tmp_path, monkeypatch):
     rows = (tmp_path / "plots/rounds.csv").read_text().splitlines()
     assert rows[0].startswith("round,target,sparsity") and len(rows) == 5  # input + 3 rounds
     assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "3"]
-    saved, meta = load_model(tmp_path / "models/prune.pt")
+    saved, ckpt = load_model(tmp_path / "models/prune.pt")
     assert sparsity(saved) == pytest.approx(0.7, abs=1e-3)
-    assert set(meta["masks"]) == set(prunable(saved))
+    assert set(ckpt.masks) == set(prunable(saved)) and ckpt.pruned_round == 3 and ckpt.stage == "prune"
     assert m["params_score"] < m["input_score"]
     for key in ("accuracy", "score", "seed", "device", "torch", "wall_time_s", "select_split"):
         assert key in m
 
     # A second run trains nothing: every round's result is kept.
     calls = []
-    monkeypatch.setattr(prune_stage, "fit", lambda *a, **k: calls.append(1))  # where the stage looks it up
+    monkeypatch.setattr(prune_rounds, "fit", lambda *a, **k: calls.append(1))  # where the rounds look it up
     again = prune(read_config(params), params_file=str(params), progress=False)
     assert calls == [] and again["score"] == m["score"] and again["accuracy"] == m["accuracy"]
 
@@ -240,7 +240,7 @@ def test_stage_runs_rounds_selects_and_resumes(tmp_path, monkeypatch):
     for result in Path(cfg["state"]).glob("*/round_03/*"):
         result.unlink()
     real_fit = train_mod.fit
-    monkeypatch.setattr(prune_stage, "fit", lambda *a, **k: calls.append(k["tag"]) or real_fit(*a, **k))
+    monkeypatch.setattr(prune_rounds, "fit", lambda *a, **k: calls.append(k["tag"]) or real_fit(*a, **k))
     third = prune(read_config(params), params_file=str(params), progress=False)
     assert calls == ["prune-round-3"]
     assert third["score"] == m["score"] and third["accuracy"] == m["accuracy"]

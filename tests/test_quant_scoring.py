@@ -164,9 +164,9 @@ def test_elementwise_products_at_their_own_width(shapes):
         BitWidths(4, 4, 32, (), 40)
 
 
-# The adder-tree accounting (facts sheet section 9), derived here from the rule: operands of
-# w + a - 1 bits (signed activations); a pair of operands is added at the wider one's width and
-# the sum is one bit wider; an odd operand waits for the next level.
+# The adder-tree accounting (the 2019 winner's public counter, flops_utils_final.py), derived here
+# from the rule: operands of w + a - 1 bits (signed activations); a pair of operands is added at the
+# wider one's width and the sum is one bit wider; an odd operand waits for the next level.
 def adder_tree(n: int, b0: int) -> int:
     widths, total = [b0] * n, 0
     while len(widths) > 1:

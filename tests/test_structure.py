@@ -1,6 +1,7 @@
 """One source for every path and default, one stage registry, and the layout."""
 
 import ast
+import re
 from pathlib import Path
 
 import yaml
@@ -113,3 +114,38 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_each_stage_file_only_reads_calls_and_publishes():
+    """A stage's method lives in modules named for what they do; its stage.py stays short."""
+    for path in sorted((ROOT / "sipa_core").glob("*/stage.py")):
+        lines = len(path.read_text().splitlines())
+        assert lines <= 250, f"{path.relative_to(ROOT)}: {lines} lines"
+
+
+def _layout_named() -> set[str]:
+    """The files docs/development.md's layout tree names, as paths under sipa_core/."""
+    text = (ROOT / "docs/development.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    named, package = set(), None
+    for line in block.splitlines()[1:]:  # below "sipa_core/"
+        indent, words = len(line) - len(line.lstrip()), line.split()
+        if not words:
+            continue
+        if indent == 0:  # another top-level folder (stages/): not sipa_core's
+            package = "outside"
+        elif indent == 2:
+            package = words[0].rstrip("/") if words[0].endswith("/") else None
+        if package == "outside":
+            continue
+        for name in re.findall(r"\b([a-z_]+\.(?:py|yaml))\b", line):
+            named.add(f"{package}/{name}" if package else name)
+    return named
+
+
+def test_the_documented_layout_names_every_module_and_no_other():
+    modules = {str(p.relative_to(ROOT / "sipa_core")) for p in (ROOT / "sipa_core").rglob("*")
+               if p.suffix in (".py", ".yaml") and p.name != "__init__.py" and "__pycache__" not in p.parts}
+    named = _layout_named()
+    assert not modules - named, f"docs/development.md's layout omits {sorted(modules - named)}"
+    assert not named - modules, f"docs/development.md's layout names {sorted(named - modules)}, which do not exist"
