@@ -45,7 +45,8 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipa_core.data.prepare import PreparedData, channel_stats  # noqa: E402
+from sipa_core.data.prepared import PreparedData  # noqa: E402
+from sipa_core.data.prepare import channel_stats  # noqa: E402
 from sipa_core.data.sources import load_source  # noqa: E402
 from sipa_core.models import create_model  # noqa: E402
 from sipa_core.models.efficientnet import INIT_RULES  # noqa: E402

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from sipa_core.accelerate import load_early_exit
 from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, exit_cost
-from sipa_core.data.prepare import load_prepared
+from sipa_core.data.prepared import load_prepared
 from sipa_core.models import create_model
 from sipa_core.train import normalized
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipa_core.accelerate.record import ExitRecord, load_early_exit  # noqa: E402
 from sipa_core.checkpoint import load_model, read_checkpoint  # noqa: E402
-from sipa_core.data.prepare import load_prepared  # noqa: E402
+from sipa_core.data.prepared import load_prepared  # noqa: E402
 from sipa_core.paths import PATHS  # noqa: E402
 from sipa_core.quantize.export import OnnxNetwork  # noqa: E402
 from sipa_core.quantize.onnx_integer import FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts  # noqa: E402

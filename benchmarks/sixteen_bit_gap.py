@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sipa_core.checkpoint import load_model  # noqa: E402
-from sipa_core.data.prepare import load_prepared  # noqa: E402
+from sipa_core.data.prepared import load_prepared  # noqa: E402
 from sipa_core.train.evaluation import accuracy, predict, round_to_fp16  # noqa: E402
 
 

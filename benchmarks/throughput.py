@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipa_core.data.prepare import PreparedData  # noqa: E402
+from sipa_core.data.prepared import PreparedData  # noqa: E402
 from sipa_core.models import create_model  # noqa: E402
 from sipa_core.train import default_recipe, fit, predict  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipa_core.data.prepare import PreparedData  # noqa: E402
+from sipa_core.data.prepared import PreparedData  # noqa: E402
 from sipa_core.models import create_model  # noqa: E402
 from sipa_core.pipeline import resolved_trainings  # noqa: E402
 from sipa_core.train import configure_model, default_recipe, fit, predict, resolve_device  # noqa: E402

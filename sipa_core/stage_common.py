@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sipa_core.checkpoint import Checkpoint, build_model, create_spec_from, read_checkpoint
-from sipa_core.data.prepare import PreparedData, load_prepared
+from sipa_core.data.prepared import PreparedData, load_prepared
 from sipa_core.errors import SipaError
 from sipa_core.models import create_model
 from sipa_core.scoring import count

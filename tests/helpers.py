@@ -5,7 +5,7 @@ from dataclasses import asdict
 import torch
 import yaml
 
-from sipa_core.data.prepare import FORMAT, VERSION, PreparedData
+from sipa_core.data.prepared import FORMAT, VERSION, PreparedData
 from sipa_core.io import atomic_torch_save
 from sipa_core.models import create_model, efficientnet_spec
 

@@ -23,7 +23,7 @@ from sipa_core.accelerate.exits import (EarlyExitNetwork, exit_config, exit_cost
                                   softsmoothing_loss)
 from sipa_core.models import create_model
 from sipa_core.prune.masks import prunable
-from sipa_core.data.prepare import load_prepared
+from sipa_core.data.prepared import load_prepared
 from sipa_core.train import default_recipe, fit, sixteen_bit, normalized
 from sipa_core.train.evaluation import SplitReader
 

@@ -13,14 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sipa_core.data import (
-    load_prepared,
-    plan_source,
-    prepare,
-    split_train_val,
-    stratified_counts,
-)
 from sipa_core.data import sources
+from sipa_core.data.prepare import prepare, split_train_val, stratified_counts
+from sipa_core.data.prepared import load_prepared
+from sipa_core.data.sources import plan_source
 from sipa_core.errors import SipaError
 
 REPO = Path(__file__).resolve().parents[1]

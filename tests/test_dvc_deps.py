@@ -124,6 +124,15 @@ def test_the_closure_sees_lazy_imports_and_package_inits(tmp_path):
     assert "sipa_core/cli.py" not in files and "sipa_core/pipeline.py" not in files
 
 
+def test_only_the_prepare_stage_runs_the_data_sources():
+    """An edit to a data source's reader (an image folder, the CIFAR files) re-runs the prepare
+    stage only: the other stages import the prepared-data format alone."""
+    for name, script in stage_scripts().items():
+        readers = sorted(f for f in closure(script) if f.startswith("sipa_core/data/")
+                         and f not in ("sipa_core/data/__init__.py", "sipa_core/data/prepared.py"))
+        assert bool(readers) == (name == "prepare"), (name, readers)
+
+
 def test_no_earlier_stage_runs_quantization_code():
     """An edit to quantization-aware training or to loading a quantized checkpoint re-runs the
     quantizing stage only: no earlier stage imports sipa_core/quantize (nor lists it in dvc.yaml),

@@ -8,7 +8,8 @@ import torch
 
 from sipa_core.accelerate.exits import EarlyExitNetwork, exit_config, softsmoothing_loss
 from sipa_core.accelerate.training import exit_recipe
-from sipa_core.data.prepare import load_prepared, prepare
+from sipa_core.data.prepared import load_prepared
+from sipa_core.data.prepare import prepare
 from sipa_core.models import create_model, create_spec
 from sipa_core.train import check_recipe, fit, normalized
 

@@ -18,7 +18,7 @@ import yaml
 from sipa_core.accelerate import load_early_exit
 from sipa_core.accelerate.record import ExitRecord
 from sipa_core.checkpoint import load_model, read_checkpoint
-from sipa_core.data.prepare import load_prepared
+from sipa_core.data.prepared import load_prepared
 from sipa_core.scoring import count
 from sipa_core.train import evaluate, sixteen_bit, normalized
 

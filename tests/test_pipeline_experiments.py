@@ -44,7 +44,8 @@ def _wait_for_queue(path, env, name, timeout=900) -> str:
 def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, cifar10_jpeg):
     """A change to a file the prune stage imports marks prune (and accelerate and quantize, which
     import it too) changed, not search or improve; a change to quantization-aware training marks
-    the quantizing stage alone (the earlier stages' caches stay); a queued prune-only experiment
+    the quantizing stage alone (the earlier stages' caches stay), and one to a data source's reader
+    the prepare stage alone; a queued prune-only experiment
     runs prune, accelerate, quantize and report only: search and improve come from the cache."""
     path, env = project
     _tiny_pipeline(path, cifar10_jpeg)
@@ -66,6 +67,10 @@ def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, ci
         changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
         assert changed == {"quantize"}, (module, changed)
         run(["git", "checkout", "--", f"sipa_core/quantize/{module}"], path, env)
+    sources = path / "sipa_core/data/sources.py"
+    sources.write_text(sources.read_text() + "\n# touched\n")
+    assert set(json.loads(run(["dvc", "status", "--json"], path, env).stdout)) == {"prepare"}
+    run(["git", "checkout", "--", "sipa_core/data/sources.py"], path, env)
     (path / "sipa_core/io.py").write_text((path / "sipa_core/io.py").read_text() + "\n# touched\n")
     changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
     assert changed == ALL, changed

@@ -22,7 +22,7 @@ from sipa_core.checkpoint import load_model, read_checkpoint, save_model
 from sipa_core.errors import SipaError
 from sipa_core.lineage import Lineage
 from sipa_core.prune.masks import apply_masks, full_masks, magnitude_masks, prunable
-from sipa_core.data.prepare import load_prepared
+from sipa_core.data.prepared import load_prepared
 from sipa_core.quantize.onnx_integer import integer_kernel_counts, session_and_warnings
 from sipa_core.quantize.allocate import allocate, layer_costs
 from sipa_core.quantize.qat import calibrate, float_twin, fold_batchnorm, quantize_modules

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from helpers import TINY_BLOCKS, save_prepared, tiny_data
-from sipa_core.data import load_prepared
+from sipa_core.data.prepared import load_prepared
 from sipa_core.models import create_model, create_spec
 from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
 from sipa_core.search import (blocks_from, candidate, fitness, pareto_front, read_config, resolution_factor, search,

@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from scripts.build_cifar10_subset import main as build_subset
-from sipa_core.data.prepare import load_prepared, prepare
+from sipa_core.data.prepared import load_prepared
+from sipa_core.data.prepare import prepare
 from sipa_core.data.sources import decode_images
 from sipa_core.data.subset import decode
 from sipa_core.io import load_checkpoint

@@ -1,37 +1,6 @@
-"""Data for the pipeline: sources of raw images and the ``prepare`` stage."""
+"""Data for the pipeline: the prepared-data format every stage reads (``prepared``), the sources
+of raw images (``sources``, ``cifar``, ``subset``) and the ``prepare`` stage (``prepare``).
 
-from sipa_core.data.prepare import (
-    PREPARE_SCHEMA,
-    PreparedData,
-    channel_stats,
-    load_prepared,
-    prepare,
-    split_train_val,
-    stratified_counts,
-)
-from sipa_core.data.sources import (
-    SOURCES,
-    RawData,
-    SourcePlan,
-    decode_images,
-    load_source,
-    plan_source,
-    scan_imagefolder,
-)
-
-__all__ = [
-    "PREPARE_SCHEMA",
-    "PreparedData",
-    "RawData",
-    "SOURCES",
-    "SourcePlan",
-    "channel_stats",
-    "decode_images",
-    "load_prepared",
-    "load_source",
-    "plan_source",
-    "prepare",
-    "scan_imagefolder",
-    "split_train_val",
-    "stratified_counts",
-]
+Import from the submodules: this package imports none of them, so a training stage that
+reads prepared data does not depend on the source readers' code.
+"""

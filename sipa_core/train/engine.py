@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sipa_core.data.prepare import PreparedData
+from sipa_core.data.prepared import PreparedData
 from sipa_core.distributed import RunningStats, all_mean, rank_and_world
 from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sipa_core.data.prepare import PreparedData
+from sipa_core.data.prepared import PreparedData
 from sipa_core.train.augment import normalize
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sipa_core.data.prepare import PreparedData
+from sipa_core.data.prepared import PreparedData
 from sipa_core.io import atomic_torch_save, load_checkpoint
 from sipa_core.resume import run_key
 
