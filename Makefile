@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.installed
 # Real CIFAR-10 as image folders, for tests and local runs (skipped where absent).
 SIPA_CIFAR10_JPEG ?= $(abspath ../shared/data/cifar10-jpeg)
 export SIPA_CIFAR10_JPEG
+# The official CIFAR-100 binary files, for the tests that read the real data set (skipped where absent).
+SIPA_CIFAR100_BINARY ?= $(abspath ../shared/data/cifar-100-binary)
+export SIPA_CIFAR100_BINARY
 
-.PHONY: install repro test test-fast lint clean profile-paper profile-cpu
+.PHONY: install repro test test-fast lint clean profile-paper profile-cpu profile-cifar100-cpu
 
 install: $(STAMP)
 
@@ -47,6 +50,11 @@ profile-paper: $(STAMP)
 profile-cpu: $(STAMP)
 	$(BIN)/python -m sipa_core.cli check-params profiles/cpu.yaml
 	cp profiles/cpu.yaml params.yaml
+
+# About two hours on 2 CPU cores, on the official CIFAR-100 binary files: replaces params.yaml.
+profile-cifar100-cpu: $(STAMP)
+	$(BIN)/python -m sipa_core.cli check-params profiles/cifar100-cpu.yaml
+	cp profiles/cifar100-cpu.yaml params.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,6 +22,19 @@ def cifar10_jpeg() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def cifar100_binary() -> Path:
+    """The official CIFAR-100 binary files (train.bin, test.bin, label names) in the folder named by
+    $SIPA_CIFAR100_BINARY, or skip."""
+    value = os.environ.get("SIPA_CIFAR100_BINARY")
+    if not value:
+        pytest.skip("SIPA_CIFAR100_BINARY is not set (point it at the cifar-100-binary folder)")
+    path = Path(value)
+    if not (path / "train.bin").is_file() or not (path / "test.bin").is_file():
+        pytest.skip(f"SIPA_CIFAR100_BINARY={value}: no train.bin and test.bin there")
+    return path
+
+
 @pytest.fixture
 def run_script(capsys, monkeypatch):
     """Run a stage script (or ``-m sipa_core.cli``) in this process, as its

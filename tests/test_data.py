@@ -18,6 +18,7 @@ from sipa_core.data.prepare import prepare, split_train_val, stratified_counts
 from sipa_core.data.prepared import load_prepared
 from sipa_core.data.sources import plan_source
 from sipa_core.errors import SipaError
+from test_cifar import images_and_labels, write_cifar100_binary
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "stages" / "prepare.py"
@@ -320,28 +321,25 @@ def test_cifar100_offline_and_absent_explains_how_to_switch(tmp_path, monkeypatc
         plan_source("cifar10", tmp_path / "raw", download=False)
 
 
-def test_cifar_subset_controls_apply_to_loaded_arrays(monkeypatch):
-    rng = np.random.default_rng(0)
-    fake = {
-        "train": (rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8), [i % 3 for i in range(60)]),
-        "test": (rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), [i % 3 for i in range(30)]),
-        "classes": ["apple", "bowl", "chair"],
-    }
-    monkeypatch.setattr(sources, "_open_cifar", lambda source, root: {k: v for k, v in fake.items()})
-    plan = plan_source("cifar100", "unused", classes=["chair", "apple"], images_per_class=4,
+def test_cifar_subset_controls_apply_to_the_official_files(tmp_path):
+    """Classes, images per class and resizing choose from the files read (here 60 training and 30
+    test records in the official binary format, six classes)."""
+    train, test = images_and_labels(60, 6, 0), images_and_labels(30, 6, 1)
+    write_cifar100_binary(tmp_path / "raw", train, test)
+    plan = plan_source("cifar100", tmp_path / "raw", classes=["fine5", "fine0"], images_per_class=4,
                        test_images_per_class=2)
     raw = plan.decode()
-    assert raw.classes == ["apple", "chair"]
+    assert raw.classes == ["fine0", "fine5"]  # the files' order, whatever the list's
     assert raw.train_x.shape == (8, 3, 32, 32) and raw.test_x.shape == (4, 3, 32, 32)
     assert torch.bincount(raw.train_y).tolist() == [4, 4]
-    # Each chosen image is an archive image of the right class, channels first.
-    archive = torch.from_numpy(fake["train"][0]).permute(0, 3, 1, 2)
-    labels = torch.tensor(fake["train"][1])
+    # Each chosen image is a file's image of the right class, channels first.
+    archive, labels = torch.from_numpy(train[0]), torch.from_numpy(train[1])
     for x, y in zip(raw.train_x, raw.train_y):
         match = (archive == x).flatten(1).all(1).nonzero().flatten()
-        assert len(match) == 1 and labels[match[0]] == (0 if y == 0 else 2)
-    resized = plan_source("cifar100", "unused", image_size=16).decode()
+        assert len(match) == 1 and labels[match[0]] == (0 if y == 0 else 5)
+    resized = plan_source("cifar100", tmp_path / "raw", image_size=16).decode()
     assert resized.train_x.shape == (60, 3, 16, 16)
+    assert plan.record["cifar"]["version"] == "binary"
 
 
 # --------------------------------------------------------------------------

@@ -43,7 +43,10 @@ PREPARE_SCHEMA = {
     "root": Field(str, None, nullable=True, check=_non_empty,
                   help="cifar: folder holding the extracted archive (null: data/raw); imagefolder: the folder "
                        "itself; cifar10_subset: the subset file (null: datasets/cifar10-subset.pt)"),
-    "download": Field(bool, True, help="cifar: try to download when the files are absent"),
+    "download": Field(bool, False, help="cifar: download the official python version when no official files "
+                                        "are under root (needs a network); false: read what is there, offline"),
+    "labels": Field(str, "fine", choices=("fine", "coarse"),
+                    help="cifar100: the 100 fine classes, or the 20 coarse superclasses"),
     "val_size": Field(int, 500, min=0, help="training images held out for validation, stratified; 0 = none"),
     "images_per_class": Field(int, 250, nullable=True, min=1, help="at most this many training images per class"),
     "test_images_per_class": Field(int, 200, nullable=True, min=1, help="at most this many test images per class"),
@@ -73,7 +76,7 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     plan = plan_source(
         cfg["source"], cfg["root"], download=cfg["download"], classes=cfg["classes"],
         images_per_class=cfg["images_per_class"], test_images_per_class=cfg["test_images_per_class"],
-        image_size=cfg["image_size"], seed=cfg["seed"], where=where,
+        image_size=cfg["image_size"], seed=cfg["seed"], labels=cfg["labels"], where=where,
     )
     train_idx, val_idx = split_train_val(plan.train_y, len(plan.classes), cfg["val_size"], cfg["seed"], where)
     try:
@@ -94,9 +97,11 @@ def prepare(cfg: Mapping, *, params_file: str | os.PathLike = "params.yaml",
     }
     data["mean"], data["std"] = channel_stats(data["train_x"])
     data["source"] = {key: cfg[key] for key in _DATA_KEYS}
+    if cfg["source"] == "cifar100":  # the only source with a choice of labels
+        data["source"]["labels"] = cfg["labels"]
     with publishing(cfg["metrics"]):
         atomic_torch_save(cfg["out"], data)
-    metrics = {**_metrics(data), **provenance(seed=cfg["seed"], device="cpu", started=started)}
+    metrics = {**_metrics(data), **plan.record, **provenance(seed=cfg["seed"], device="cpu", started=started)}
     publish_metrics(cfg["metrics"], metrics, cfg["info"])
     return metrics
 
@@ -196,4 +201,12 @@ def summary(cfg: dict, m: dict) -> str:
             f"{m['num_classes']} classes, {m['image_height']}x{m['image_width']} -> {cfg['out']}")
 
 
-STAGE = Stage("prepare", __doc__, read_config, prepare, summary, trains=False)
+def inactive(cfg: dict, raw: dict) -> list[str]:
+    """Keys set in the file that the chosen source does not use."""
+    out = [f"prepare.download: source {cfg['source']} reads local files only"] \
+        if "download" in raw and cfg["source"] not in ("cifar10", "cifar100") else []
+    return out + ([f"prepare.labels: source {cfg['source']} has one kind of label (cifar100 has fine and coarse)"]
+                  if "labels" in raw and cfg["source"] != "cifar100" else [])
+
+
+STAGE = Stage("prepare", __doc__, read_config, prepare, summary, inactive, trains=False)

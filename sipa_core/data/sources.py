@@ -10,8 +10,10 @@ and every mistake surfaces before the slow part:
 * ``SourcePlan.decode`` then decodes only the chosen images into uint8
   tensors ``N x 3 x H x W``.
 
-Sources: ``cifar100`` and ``cifar10`` (torchvision's python-version archives)
-and ``imagefolder`` (``root/train/<class>/<image>``, ``root/test/<class>/<image>``).
+Sources: ``cifar100`` and ``cifar10`` (the official binary or python version, read
+offline by ``cifar.py``; downloaded only when ``download`` asks), ``imagefolder``
+(``root/train/<class>/<image>``, ``root/test/<class>/<image>``) and ``cifar10_subset``
+(the CIFAR-10 subset shipped in the repository).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import multiprocessing
 import os
 import socket
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from sipa_core.data import cifar
 from sipa_core.data.subset import decode, open_subset
 from sipa_core.errors import SipaError
 
@@ -43,11 +47,8 @@ PARALLEL_MIN_IMAGES = 1000  # below this a pool costs more than it saves
 
 _LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image>"
 
-# torchvision class name, folder the archive extracts to, display name.
-_CIFAR = {
-    "cifar100": ("CIFAR100", "cifar-100-python", "CIFAR-100"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", "CIFAR-10"),
-}
+# torchvision's class (for a download asked for), display name.
+_CIFAR = {"cifar100": ("CIFAR100", "CIFAR-100"), "cifar10": ("CIFAR10", "CIFAR-10")}
 
 
 @dataclass
@@ -73,6 +74,7 @@ class SourcePlan:
     train_y: torch.Tensor
     test_y: torch.Tensor
     decode_part: Callable[[str, bool | None], torch.Tensor] = field(repr=False)
+    record: dict = field(default_factory=dict)  # what was read, for the run information (CIFAR: files, digests)
 
     def decode(self, progress: bool | None = None) -> RawData:
         """Decode the chosen images; ``progress=None`` shows a bar only on a terminal."""
@@ -95,6 +97,7 @@ def plan_source(
     test_images_per_class: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    labels: str = "fine",
     where: str = "prepare",
 ) -> SourcePlan:
     """Open ``source`` and choose the images to use; decodes nothing.
@@ -104,7 +107,8 @@ def plan_source(
     """
     per_class = {"train": images_per_class, "test": test_images_per_class}
     if source in _CIFAR:
-        return _plan_cifar(source, Path(root), download, classes, per_class, image_size, seed, where)
+        files = _load_cifar(source, Path(root), download, labels, where)
+        return _plan_cifar(files, classes, per_class, image_size, seed, where)
     if source == "imagefolder":
         return _plan_imagefolder(Path(root), classes, per_class, image_size, seed, where)
     if source == "cifar10_subset":
@@ -154,69 +158,62 @@ def pick(n: int, k: int | None, seed: int, part: str, name: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100 through torchvision
+# CIFAR-10 / CIFAR-100 from the official files (cifar.py)
 
 
-def _plan_cifar(source, root, download, classes, per_class, image_size, seed, where) -> SourcePlan:
-    arrays = _load_cifar(source, root, download, where)  # {part: (N x 32 x 32 x 3 uint8, labels)}
-    names = arrays.pop("classes")
+def _plan_cifar(files: cifar.CifarFiles, classes, per_class, image_size, seed, where) -> SourcePlan:
+    names = files.classes
     chosen = choose_classes(names, classes, where)
     relabel = {names.index(c): i for i, c in enumerate(chosen)}
     picked, labels = {}, {}
     for part in PARTS:
-        y = np.asarray(arrays[part][1], dtype=np.int64)
+        y = files.labels[part]
         idx = []
         for old in relabel:
             members = np.flatnonzero(y == old)
             idx.extend(members[pick(len(members), per_class[part], seed, part, names[old])].tolist())
-        idx.sort()  # keep the archive's (class-mixed) order
+        idx.sort()  # keep the files' (class-mixed) order
         picked[part] = idx
         labels[part] = torch.tensor([relabel[int(v)] for v in y[idx]], dtype=torch.int64)
 
     def decode_part(part, progress):
-        x = arrays[part][0][picked[part]]  # N x 32 x 32 x 3
-        if image_size is not None and x.shape[1:3] != (image_size, image_size):
-            x = np.stack([_resize(img, image_size) for img in x]) if len(x) else x
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+        x = files.images[part][picked[part]]  # N x 3 x 32 x 32
+        if image_size is not None and x.shape[2:] != (image_size, image_size):
+            x = np.stack([_resize(img.transpose(1, 2, 0), image_size).transpose(2, 0, 1) for img in x]) \
+                if len(x) else x
+        return torch.from_numpy(np.ascontiguousarray(x))
 
-    return SourcePlan(chosen, labels["train"], labels["test"], decode_part)
+    return SourcePlan(chosen, labels["train"], labels["test"], decode_part, {"cifar": files.record()})
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def _load_cifar(source: str, root: Path, download: bool, where: str) -> dict:
-    """Both parts as numpy arrays, downloading once if allowed and possible."""
+def _load_cifar(source: str, root: Path, download: bool, labels: str, where: str) -> cifar.CifarFiles:
+    """The official files under ``root``, read offline; downloaded first only when asked and absent."""
     try:
-        return _open_cifar(source, root)
-    except (RuntimeError, OSError):  # torchvision: "Dataset not found or corrupted"
-        pass
-    reason = "prepare.download is false"
-    if download:
+        files = cifar.read(source, root, labels, where)
+    except FileNotFoundError:
+        if not download:
+            raise SipaError(_missing_cifar_message(source, root, "prepare.download is false", where)) from None
         try:
             _download_cifar(source, root)
-            return _open_cifar(source, root)
         except Exception as err:  # noqa: BLE001 - any network or archive failure means "not available"
-            reason = f"download failed: {_one_line(err)}"
-    raise SipaError(_missing_cifar_message(source, root, reason, where))
-
-
-def _open_cifar(source: str, root: Path) -> dict:
-    import torchvision.datasets  # noqa: PLC0415 -- slow import (about 2 s), only needed for these sources
-
-    cls = getattr(torchvision.datasets, _CIFAR[source][0])
-    out = {}
-    for part in PARTS:
-        ds = cls(str(root), train=(part == "train"), download=False)
-        out[part] = (ds.data, ds.targets)
-        out["classes"] = list(ds.classes)
-    return out
+            raise SipaError(_missing_cifar_message(source, root, f"download failed: {_one_line(err)}",
+                                                   where)) from None
+        files = cifar.read(source, root, labels, where)
+    record = files.record()
+    if not record["verdict"].startswith("official"):
+        print(f"{where}.root: {files.folder}: {record['verdict']} (recorded in the prepare stage's run "
+              f"information)", file=sys.stderr)
+    return files
 
 
 def _download_cifar(source: str, root: Path) -> None:
-    """Fetch and extract the archive; raises on any failure (tests replace this)."""
-    import torchvision.datasets  # noqa: PLC0415 -- slow import, only needed for these sources
+    """Fetch and extract the official python-version archive (torchvision); raises on any failure
+    (tests replace this)."""
+    import torchvision.datasets  # noqa: PLC0415 -- slow import, only needed for a download
 
     cls = getattr(torchvision.datasets, _CIFAR[source][0])
     old = socket.getdefaulttimeout()
@@ -228,13 +225,13 @@ def _download_cifar(source: str, root: Path) -> None:
 
 
 def _missing_cifar_message(source: str, root: Path, reason: str, where: str) -> str:
-    _, folder, title = _CIFAR[source]
+    title = _CIFAR[source][1]
     shown = str(root) if root.is_absolute() else f"{root} (= {root.resolve()})"
     return (
-        f"{where}.source: {title} files not found or corrupted under {shown} ({reason}). "
-        f"Put the python-version archive there, extracted as {root / folder}/ "
-        f"(from https://www.cs.toronto.edu/~kriz/cifar.html), or use an image folder laid out as "
-        f"{_LAYOUT}: dvc exp run -S prepare.source=imagefolder -S prepare.root=/path/to/folder"
+        f"{where}.root: {title} files not found under {shown} ({reason}). Put the official files there, "
+        f"as extracted from the archive: {cifar.expected_files(source)} "
+        f"(https://www.cs.toronto.edu/~kriz/cifar.html; or set prepare.download: true), or use an image "
+        f"folder laid out as {_LAYOUT}: dvc exp run -S prepare.source=imagefolder -S prepare.root=/path/to/folder"
     )
 
 
