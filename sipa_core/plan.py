@@ -18,6 +18,7 @@ import torch
 from sipa_core.data.sources import scan_imagefolder
 from sipa_core.models import create_model, create_spec
 from sipa_core.pipeline import STAGES
+from sipa_core.quantize.training import schedule_steps
 from sipa_core.runtime import resolve_device
 from sipa_core.train.recipe import check_recipe
 
@@ -68,15 +69,20 @@ def trainings(cfg: dict, sizes: dict, image_size: int) -> list[dict]:
     final_n = n + sizes["val"] if "no_validation" in im["adopt"] else n
     rows.append(_row("improve", "final recipe" + (" and base recipe" if im["compare_base"] else ""),
                      2 if im["compare_base"] else 1, im["final_epochs"], final_n, size))
-    rows.append(_row("prune", f"{len(pr['schedule'])} rounds", len(pr["schedule"]), pr["epochs"], final_n, size))
+    if pr["method"] == "gradual":  # one run to the last target, then its fine-tune epochs
+        rows.append(_row("prune", "gradual (pruning, then fine-tune epochs)", 1,
+                         pr["epochs"] + pr["gradual_finetune_epochs"], final_n, size))
+    else:
+        rows.append(_row("prune", f"{len(pr['schedule'])} rounds", len(pr["schedule"]), pr["epochs"], final_n, size))
     exits = len(ac["positions"]) + (1 if ac["compare_loss"] else 0)
     rows.append(_row("accelerate", "exits (positions + compared loss)", exits, ac["epochs"], final_n, size))
     extra = len(ac["exit_schedule"]) * ac["exit_prune_epochs"] + ac["exit_stabilize_epochs"]
     if extra:
         rows.append(_row("accelerate", "exit pruning rounds and stabilisation", exits, extra, final_n, size))
     widths = 1 + len(q["compare_widths"])
-    rows.append(_row("quantize", f"QAT, {widths} widths (main, then exit)", widths, q["epochs"] + q["exit_epochs"],
-                     final_n, size))
+    steps = (len(schedule_steps(q, q["widths"])) - 1) * q["schedule_epochs"]  # the width schedule's steps
+    rows.append(_row("quantize", f"QAT, {widths} widths (main, then exit)", widths,
+                     q["epochs"] + q["exit_epochs"] + steps, final_n, size))
     return rows
 
 

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import tiny_data, tiny_model
+from sipa_core.plan import plan
 from sipa_core.resume import keep, load_kept
 from sipa_core.runtime import provenance, training_cost
 from sipa_core.train import default_recipe, fit
@@ -75,3 +77,18 @@ def test_a_resumed_or_kept_result_costs_what_its_training_did(tmp_path):
     latest = time.time()
     load_kept(tmp_path / "result.json", counted=False)  # read again after it was counted
     assert training_cost(latest)["images_trained"] == 0
+
+
+def test_gradual_pruning_and_a_width_schedule_are_planned_whole(tmp_path):
+    """Gradual pruning trains its pruning epochs then its fine-tune epochs in one run; a width
+    schedule trains each step above the final widths before them (both once left out of the plan)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prune"].update(method="gradual", schedule=[0.8], epochs=5, gradual_finetune_epochs=7)
+    params["quantize"].update(weight_bits=4, act_bits=4, schedule=[8, 6], schedule_epochs=3, epochs=2,
+                              exit_epochs=1, compare_widths=[])
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    sizes, rows = plan(str(tmp_path / "p.yaml"))
+    by_stage = {r["stage"]: r for r in rows}
+    assert (by_stage["prune"]["runs"], by_stage["prune"]["epochs"]) == (1, 12)
+    assert (by_stage["quantize"]["runs"], by_stage["quantize"]["epochs"]) == (1, 2 + 1 + 2 * 3)
+    assert by_stage["prune"]["images"] == 12 * sizes["train"]
