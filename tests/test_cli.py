@@ -177,9 +177,9 @@ def test_archs_lists_the_registry(sipa):
     assert p.returncode == 0 and "sipa_baseline" in p.stdout and "wrn28_10" in p.stdout
 
 
-def test_check_params_accepts_both_profiles_and_names_a_bad_key(tmp_path, run_script):
+def test_check_params_accepts_every_profile_and_names_a_bad_key(tmp_path, run_script):
     root = Path(__file__).resolve().parents[1]
-    for name in ("params.yaml", "profiles/paper.yaml"):
+    for name in ["params.yaml"] + sorted(str(p.relative_to(root)) for p in (root / "profiles").glob("*.yaml")):
         code, out, err = run_script("sipa", "check-params", root / name)
         assert code == 0 and "ok" in out, err
     params = yaml.safe_load((root / "params.yaml").read_text())
