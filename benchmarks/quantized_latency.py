@@ -1,25 +1,32 @@
-"""CPU latency and throughput: the floating-point network in PyTorch against the
-quantized network exported to ONNX (every quantized conv and linear layer an
-integer kernel) and run by onnxruntime, each with and without its early exit.
+"""The quantizing stage's integer graph against the same network in float, and against
+onnxruntime's own post-training static quantization of it, all in onnxruntime on the CPU.
 
     python benchmarks/quantized_latency.py            # after `dvc repro quantize`
+    python benchmarks/quantized_latency.py --profile  # and where the integer graph's time goes
 
-Reads the pipeline's outputs: ``models/accelerate.pt`` (fp32, with its exit),
+Reads the pipeline's outputs: ``models/accelerate.pt`` (the float network the
+quantizing stage started from, with its exit where one was kept),
 ``models/quantize.pt`` (its threshold) and ``models/quantize_onnx/``; the
-test images of ``data/prepared/dataset.pt`` (so the exit ratio is the real
-one). Batch 1: median latency over single test images; large batch:
-images/s over the test split in batches of ``--batch``. A benchmark, not a
-test; both runtimes get the same number of threads.
+validation and test images of ``data/prepared/dataset.pt``. The float network
+is exported to ONNX as it is; onnxruntime's ``quantize_static`` (QDQ,
+per-channel int8 weights, uint8 activations) is calibrated on validation
+images. Every graph runs with the same intra-op threads and every graph
+optimisation; they are timed interleaved (``sipa_core.latency.measure``):
+median milliseconds per image at batch 1 over single test images, images/s
+over the test split in batches of ``--batch`` (median of the rounds). For
+each graph: its test accuracy and the share of its multiply-adds that
+onnxruntime runs in integer kernels. A benchmark, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,78 +34,102 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sipa_core.accelerate.record import ExitRecord, load_early_exit  # noqa: E402
 from sipa_core.checkpoint import load_model, read_checkpoint  # noqa: E402
 from sipa_core.data.prepared import load_prepared  # noqa: E402
+from sipa_core.latency import integer_share, kernel_macs, measure, time_by_op  # noqa: E402
 from sipa_core.paths import PATHS  # noqa: E402
-from sipa_core.quantize.export import OnnxNetwork  # noqa: E402
-from sipa_core.quantize.onnx_integer import FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts  # noqa: E402
+from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions  # noqa: E402
 from sipa_core.quantize.record import QuantRecord  # noqa: E402
-from sipa_core.train.evaluation import normalized  # noqa: E402
+from sipa_core.train.evaluation import accuracy, normalized  # noqa: E402
 
 
-def torch_runner(net, threshold, adaptive: bool):
-    @torch.no_grad()
-    def run(x):
-        if adaptive:
-            return net.adaptive(x, threshold)[0]
-        return net.main(x)
-    return run
-
-
-def onnx_runner(onnx: OnnxNetwork, adaptive: bool):
-    return lambda x: onnx.logits(x.numpy(), adaptive)[0]
-
-
-def measure(run, x: torch.Tensor, singles: int, batch: int) -> tuple[float, float]:
-    """(median ms for one image, images/s in batches of ``batch``)."""
-    for i in range(50):  # warm-up: thread pools, allocator, first-call paths
-        run(x[i:i + 1])
-    run(x[:batch])
-    times = []
-    for i in range(singles):
-        t0 = time.perf_counter()
-        run(x[i:i + 1])
-        times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for i in range(0, len(x), batch):
-        run(x[i:i + batch])
-    return 1000 * statistics.median(times), len(x) / (time.perf_counter() - t0)
-
-
-def torch_rows(path) -> list:
-    """The floating-point network in PyTorch: with and without its exit (when it has one)."""
+def float_network(path):
+    """(main network, exit network or None) of a float checkpoint."""
     if ExitRecord.of(read_checkpoint(path)) is None:
-        main = load_model(path)[0].eval()
-        return [("PyTorch fp32", "no", torch.no_grad()(main))]
-    net, record = load_early_exit(path)
-    return [("PyTorch fp32", "no", torch_runner(net, record.threshold, False)),
-            ("PyTorch fp32", f"yes ({record.threshold:.2f})", torch_runner(net, record.threshold, True))]
+        return load_model(path)[0].eval(), None
+    net, _ = load_early_exit(path)
+    return net.main, net
+
+
+def static_quantization(float_full: Path, out: Path, images: np.ndarray) -> Path:
+    """onnxruntime's quantize_static of the float graph, calibrated on ``images``."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,  # noqa: PLC0415
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": images[i:i + 50]} for i in range(0, len(images), 50)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(float_full), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    return out
+
+
+def graphs(args, data, tmp: Path) -> list[tuple[str, dict, float | None]]:
+    """(name, ONNX files, exit threshold) of the float, the integer and the static-quantized graphs."""
+    main, net = float_network(PATHS["accelerate"]["out"])
+    h = data.image_size[0]
+    float_files = export_network(main, net, (3, h, h), tmp / "float", quantized=False)
+    quant = read_checkpoint(PATHS["quantize"]["out"])
+    exit_record, label = ExitRecord.of(quant), QuantRecord.of(quant).label
+    folder = Path(PATHS["quantize"]["onnx"])
+    ours = {n: folder / f"{n}.onnx" for n in ("full", "path", "rest") if (folder / f"{n}.onnx").is_file()}
+    val = normalized(data.val_x[:args.calibration], data.mean, data.std).numpy()
+    static = {"full": static_quantization(float_files["full"], tmp / "static.onnx", val)}
+    float_threshold = ExitRecord.of(read_checkpoint(PATHS["accelerate"]["out"]))
+    return [("float", float_files, float_threshold.threshold if float_threshold else None),
+            (f"integer {label} (this project)", ours, exit_record.threshold if exit_record else None),
+            ("onnxruntime quantize_static W8A8", static, None)]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--singles", type=int, default=300, help="single-image calls timed")
+    p.add_argument("--singles", type=int, default=300, help="single-image calls timed per graph")
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calibration", type=int, default=500, help="validation images calibrating quantize_static")
+    p.add_argument("--profile", action="store_true", help="time by node type of the integer graph at batch 1")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_prepared(PATHS["prepare"]["out"])
-    x = normalized(data.test_x, data.mean, data.std)
-    quant = read_checkpoint(PATHS["quantize"]["out"])
-    exit_record, label = ExitRecord.of(quant), QuantRecord.of(quant).label
-    threshold = exit_record.threshold if exit_record else None
-    folder = Path(PATHS["quantize"]["onnx"])
-    files = {name: folder / f"{name}.onnx" for name in ("full", "path", "rest") if (folder / f"{name}.onnx").is_file()}
-    onnx = OnnxNetwork.load(files, threshold, threads=args.threads)
-    rows = torch_rows(PATHS["accelerate"]["out"]) + [
-        (f"onnxruntime {label}", "no", onnx_runner(onnx, False))]
-    if threshold is not None:
-        rows.append((f"onnxruntime {label}", f"yes ({threshold:.2f})", onnx_runner(onnx, True)))
-    layers = {k: n for k, n in integer_kernel_counts(files["full"]).items() if k in INTEGER_KERNELS + FLOAT_KERNELS}
-    print(f"{len(x)} test images of {data.image_size[0]}x{data.image_size[1]}, {args.threads} threads, "
-          f"torch {torch.__version__}; onnxruntime runs full.onnx's layers as {layers}\n")
-    print(f"| runtime | exit | batch 1: median ms | batch {args.batch}: images/s |\n|---|---|---|---|")
-    for name, exit_text, run in rows:
-        ms, ips = measure(run, x, args.singles, args.batch)
-        print(f"| {name} | {exit_text} | {ms:.2f} | {ips:.0f} |", flush=True)
+    x_u8, y = data.split("test")
+    x = normalized(x_u8, data.mean, data.std).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows, runners = [], {}
+        for name, files, threshold in graphs(args, data, Path(tmp)):
+            onnx = OnnxNetwork.load(files, threshold, threads=args.threads)
+            for adaptive in ([False, True] if onnx.path is not None else [False]):
+                key = f"{name}, exit at {threshold:.2f}" if adaptive else name
+                acc = accuracy(onnx_predictions(onnx, x_u8, data.mean, data.std, adaptive=adaptive), y)
+                macs = kernel_macs(files["full"])
+                rows.append((key, acc, integer_share(macs), macs))
+                runners[key] = (lambda o, a: lambda b: o.logits(b, a))(onnx, adaptive)
+            if args.profile and "this project" in name:
+                profile = time_by_op(files["full"], x[:1], threads=args.threads)
+        speeds = measure(runners, x, threads=args.threads, singles=args.singles, batch=args.batch,
+                         rounds=args.rounds)
+    base = speeds[rows[0][0]]
+    print(f"{len(x)} test images of {h_w(data)}, {args.threads} threads, onnxruntime {onnxruntime.__version__}, "
+          f"medians of {args.rounds} interleaved rounds\n")
+    print(f"| graph | test accuracy | integer share of multiply-adds | batch 1: ms | batch {args.batch}: images/s "
+          f"| speed-up at batch 1 / {args.batch} |\n|---|---|---|---|---|---|")
+    for key, acc, share, _ in rows:
+        s = speeds[key]
+        print(f"| {key} | {100 * acc:.2f}% | {100 * share:.1f}% | {s.ms_batch1:.3f} | {s.images_per_s:,.0f} | "
+              f"{base.ms_batch1 / s.ms_batch1:.2f}x / {s.images_per_s / base.images_per_s:.2f}x |")
+    print("\nmultiply-adds per image by kernel:")
+    for key, _, _, macs in rows:
+        print(f"- {key}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in macs.items()))
+    if args.profile:
+        total = sum(profile.values())
+        print("\ninteger graph, batch 1, time by node type: " +
+              ", ".join(f"{k} {v:.0f} us ({100 * v / total:.0f}%)" for k, v in profile.items()))
+
+
+def h_w(data) -> str:
+    return "x".join(str(v) for v in data.image_size)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from sipa_core.errors import SipaError
 
 TITLES = {"search": "Searching", "improve": "Improving", "prune": "Pruning", "accelerate": "Accelerating",
           "quantize": "Quantizing"}
-COLUMNS = ["stage", "label", "accuracy", "score", "score_tree", "chosen", "front", "front_tree"]
+COLUMNS = ["stage", "label", "accuracy", "score", "score_tree", "ms_batch1", "chosen", "front", "front_tree"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Point:
     score: float
     score_tree: float | None
     chosen: bool  # the stage's result
+    ms_batch1: float | None = None  # measured latency (the stages' results only: report.latency)
 
 
 def _number(value) -> float | None:
@@ -65,10 +66,13 @@ def _exit_label(r: dict) -> str:
     return f"exit after block {r['position']} at threshold {float(r['threshold']):.2f}"  # no comma: a CSV cell
 
 
-def run_points(stage_metrics: dict[str, dict], tables: dict[str, Path]) -> list[Point]:
-    """Each stage's result, then the rows of the pruning, exit and width tables (``tables``: stage ->
-    its table, for the stages whose table is read)."""
-    points = [Point(s, TITLES[s], m["accuracy"], m["score"], m.get("score_tree"), True)
+def run_points(stage_metrics: dict[str, dict], tables: dict[str, Path],
+               latencies: dict[str, float] | None = None) -> list[Point]:
+    """Each stage's result (with its measured milliseconds per image, ``latencies``, where measured),
+    then the rows of the pruning, exit and width tables (``tables``: stage -> its table, for the
+    stages whose table is read)."""
+    latencies = latencies or {}
+    points = [Point(s, TITLES[s], m["accuracy"], m["score"], m.get("score_tree"), True, latencies.get(s))
               for s, m in stage_metrics.items() if m.get("accuracy") is not None]
     labels = {"prune": _round_label, "accelerate": _exit_label, "quantize": lambda r: f"{r['widths']} QAT"}
     for stage, path in tables.items():
@@ -130,17 +134,23 @@ def merge_labels(marks: list[tuple[float, float, str]]) -> list[tuple[float, flo
     return [(x, y, " = ".join(labels)) for (x, y), labels in merged.items()]
 
 
+PANELS = [("score", "strict: additions at 32 bits", "MicroNet score (lower is better)"),
+          ("score_tree", "additions by adder tree (the 2019 entries)", "MicroNet score (lower is better)"),
+          ("ms_batch1", "measured: onnxruntime on the CPU, batch 1", "milliseconds per image (lower is better)")]
+
+
 def pareto_figure(points: list[Point], references: list[str]) -> bytes:
-    """A PNG: test accuracy against score, one panel per accounting, the front as a step line and
-    each stage's result labelled; ``references`` (other data sets' figures) as a note under it."""
+    """A PNG: test accuracy against score, one panel per accounting, and against measured latency
+    where the stages were timed; the front as a step line and each stage's result labelled;
+    ``references`` (other data sets' figures) as a note under it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (heavy, only here)
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    fig = Figure(figsize=(11, 4.8 + 0.16 * len(references)), dpi=110, layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
+    panels = PANELS if any(p.ms_batch1 is not None for p in points) else PANELS[:2]
+    fig = Figure(figsize=(5.5 * len(panels), 4.8 + 0.16 * len(references)), dpi=110, layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True)
     floor, top = accuracy_range([100 * p.accuracy for p in points])
-    for ax, key, title in zip(axes, ("score", "score_tree"),
-                              ("strict: additions at 32 bits", "additions by adder tree (the 2019 entries)")):
+    for ax, (key, title, xlabel) in zip(axes, panels):
         shown = [p for p in points if getattr(p, key) is not None]
         _scatter_stages(ax, shown, key, floor)
         best = sorted((p for p, on in zip(shown, front(shown, key)) if on), key=lambda p: getattr(p, key))
@@ -154,7 +164,7 @@ def pareto_figure(points: list[Point], references: list[str]) -> bytes:
         for k, (x, y, label) in enumerate(merge_labels(marks)):  # labels alternate above and below
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4 if k % 2 == 0 else -10),
                         fontsize=7)
-        ax.set(title=title, xlabel="MicroNet score (lower is better)", xscale="log", ylim=(floor, top))
+        ax.set(title=title, xlabel=xlabel, xscale="log", ylim=(floor, top))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend(fontsize=7, loc="best")

@@ -90,7 +90,7 @@ def quantize_trainings(q: dict, path: str) -> dict:
     widths = [q["widths"].label()] + list(q["compare_widths"])
     steps = {"width schedule": f"{q['schedule']}, {q['schedule_epochs']} epochs each, then the final widths"}
     return {"widths trained": widths, **(steps if q["schedule"] else {}),
-            "quantizers": {k: q[k] for k in ("act_quantizers", "weight_scale", "scale_lr")},
+            "quantizers": {k: q[k] for k in ("act_quantizers", "output_bits", "weight_scale", "scale_lr")},
             "main network, each width": recipe,
             "exit, each width": {**recipe, "epochs": q["exit_epochs"], "label_smoothing": 0.0},
             "speed keys": "from the input checkpoint (precision, channels_last, device, ...)"}

@@ -3,8 +3,10 @@
 Reads each stage's metrics file and writes one row per stage (accuracy,
 parameters, math ops, parameter score, ops score, total), with the
 reference rows (WideResNet-28-10 = 1.0 + 1.0, and the paper's four rows)
-below for comparison. Only reads files: it re-runs alone when only its own
-parameters change.
+below for comparison, and each stage's network measured in onnxruntime on
+the CPU beside its score (``stage_latency.py``; ``report.latency: null``
+leaves those columns empty). It re-runs alone when only its own parameters
+change.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sipa_core.pareto import (COLUMNS as PARETO_COLUMNS, accuracy_range, merge_l
                               place, run_points)
 from sipa_core.paths import path_fields, read_params
 from sipa_core.params import Field, check_section
+from sipa_core.stage_latency import DEFAULT_LATENCY, check_latency, stage_speeds
 from sipa_core.stage_runner import Stage
 
 STAGES = ("search", "improve", "prune", "accelerate", "quantize")
@@ -61,15 +64,24 @@ REPORT_SCHEMA = {
     "stages": Field(list, list(STAGES), check=_stage_list, help="stages whose metrics form the table"),
     "references": Field(bool, True, help="add WideResNet-28-10 and the paper's rows"),
     "title": Field(str, "SIPA: MicroNet scores per stage"),
+    "latency": Field(dict, dict(DEFAULT_LATENCY), nullable=True, check=check_latency,
+                     help="each stage's network timed in onnxruntime on the CPU: intra-op threads, single-image "
+                          "calls (batch 1), the large batch, interleaved rounds; null: not measured"),
     **path_fields('report', prune_rounds=("prune", "rounds_table"), accelerate_exits=("accelerate", "table"),
-                  quantize_widths=("quantize", "table")),
+                  quantize_widths=("quantize", "table"), data=("prepare", "out"), search_model=("search", "out"),
+                  improve_model=("improve", "out"), prune_model=("prune", "out"),
+                  accelerate_model=("accelerate", "out"), quantize_model=("quantize", "out"),
+                  quantize_onnx=("quantize", "onnx")),
 }
 TABLE_KEYS = {"prune": "prune_rounds", "accelerate": "accelerate_exits", "quantize": "quantize_widths"}
 
 
 def read_config(params_path: str | Path) -> dict:
     data = read_params(params_path)
-    return check_section(data.get("report"), REPORT_SCHEMA, file=params_path, section="report")
+    cfg = check_section(data.get("report"), REPORT_SCHEMA, file=params_path, section="report")
+    if cfg["latency"] is not None:
+        cfg["latency"] = {**DEFAULT_LATENCY, **cfg["latency"]}
+    return cfg
 
 
 def _fmt_count(n: float | None, unit: str) -> str:
@@ -88,16 +100,22 @@ def _f6(x: float | None) -> str:
     return "-" if x is None else f"{x:.6f}"
 
 
-def table_markdown(rows: list[dict], title: str, cost: dict | None = None) -> str:
+def _fmt_speed(r: dict) -> str:
+    ms, ips = r.get("ms_batch1"), r.get("images_per_s")
+    return f"{'-' if ms is None else f'{ms:.3f}'} | {'-' if ips is None else f'{ips:,.0f}'}"
+
+
+def table_markdown(rows: list[dict], title: str, cost: dict | None = None, latency: dict | None = None) -> str:
+    batch = latency["batch"] if latency else DEFAULT_LATENCY["batch"]
     lines = [f"# {title}", "",
              "| stage | accuracy | parameters (n) | math ops (n) | parameters (s) | math ops (s) | total "
-             "| total (adder tree) | training images | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| total (adder tree) | batch 1 (ms) | batch {batch} (images/s) | training images | wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.2%}"
         lines.append(f"| {r['stage']} | {acc} | {_fmt_count(r['params'], 'M')} | {_fmt_count(r['ops'], 'B')} | "
                      f"{r['params_score']:.6f} | {r['ops_score']:.6f} | {r['score']:.6f} | "
-                     f"{_f6(r.get('score_tree'))} | {_fmt_cost(r)} |")
+                     f"{_f6(r.get('score_tree'))} | {_fmt_speed(r)} | {_fmt_cost(r)} |")
     if cost:
         lines += ["", f"Pipeline cost: {cost['images_trained']:,} training images processed, "
                       f"{cost['pipeline_wall_time_s']:,.0f} s of stage wall time (prepare included)."]
@@ -108,8 +126,21 @@ def table_markdown(rows: list[dict], title: str, cost: dict | None = None) -> st
               "counted at 32 bits (the strict "
               "accounting); total (adder tree): a layer's accumulation counted as the 2019 entries counted it "
               "(docs/scoring.md). Training images: every image each stage's trainings processed (epochs x "
-              "images per epoch)."]
+              "images per epoch).", "", _latency_note(latency)]
     return "\n".join(lines) + "\n"
+
+
+def _latency_note(latency: dict | None) -> str:
+    if latency is None:
+        return "Latency not measured (report.latency: null)."
+    import onnxruntime  # noqa: PLC0415 (heavy, only for its version)
+
+    return (f"Batch 1 / batch {latency['batch']}: each stage's network in onnxruntime {onnxruntime.__version__} on "
+            f"this machine's CPU, {latency['threads']} threads, every graph optimisation, measured when the report "
+            f"ran: median milliseconds per test image at batch 1 ({latency['singles']} calls) and images per "
+            f"second over the test split (median of {latency['rounds']} rounds), all networks interleaved; the "
+            f"float stages as exported from PyTorch, the quantizing stage's integer graph; a kept exit runs "
+            f"adaptively. Measured, not counted: they move with the machine and its load.")
 
 
 def leaderboard_markdown(final: dict | None) -> str:
@@ -304,21 +335,25 @@ def _stage_metrics(cfg: dict, params_file: str) -> dict[str, dict]:
 def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dict:
     started = time.time()
     stages = _stage_metrics(cfg, params_file)
+    speeds = stage_speeds(cfg, list(stages)) if cfg["latency"] and stages else {}
     rows = [{"stage": STAGE_TITLES[s] + (" (chosen on test)" if m.get("chosen_on_test") else "")
              + (f" (W{m['weight_bits']}A{m['act_bits']})" if s == "quantize" else ""),
              **{k: m[k] for k in SCORE_KEYS}, "score_tree": m.get("score_tree"),
+             "ms_batch1": speeds[s].ms_batch1 if s in speeds else None,
+             "images_per_s": speeds[s].images_per_s if s in speeds else None,
              "images_trained": m.get("images_trained"), "wall_time_s": m.get("wall_time_s")} for s, m in stages.items()]
     out_rows = rows + ([REFERENCE_ROW] + PAPER_ROWS if cfg["references"] else [])
     cost = {"images_trained": sum(m.get("images_trained") or 0 for m in stages.values()),
             "pipeline_wall_time_s": round(sum(m.get("wall_time_s", 0) for m in stages.values())
                                           + _prepare_seconds(cfg["metrics_dir"]), 2)}
-    atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"], cost)
+    atomic_write_text(cfg["table"], table_markdown(out_rows, cfg["title"], cost, cfg["latency"])
                       + (leaderboard_markdown(rows[-1] if rows else None) if cfg["references"] else ""))
-    atomic_write_csv(cfg["table_csv"], rows, ["stage", *SCORE_KEYS])
+    atomic_write_csv(cfg["table_csv"], rows, ["stage", *SCORE_KEYS, "ms_batch1", "images_per_s"])
     runs = _stage_info(cfg)
     atomic_write_text(cfg["claims"], claims_markdown(stages, runs))
     atomic_write_bytes(cfg["figure"], stages_figure(rows, PAPER_ROWS if cfg["references"] else []))
-    points = run_points(stages, {s: Path(cfg[key]) for s, key in TABLE_KEYS.items() if s in stages})
+    points = run_points(stages, {s: Path(cfg[key]) for s, key in TABLE_KEYS.items() if s in stages},
+                        {s: v.ms_batch1 for s, v in speeds.items()})
     atomic_write_csv(cfg["pareto_csv"], pareto_rows(points), PARETO_COLUMNS)
     atomic_write_bytes(cfg["pareto"], pareto_figure(points, reference_notes() if cfg["references"] else []))
     summary = {}
@@ -327,13 +362,24 @@ def report(cfg: dict, *, params_file: str = "params.yaml", progress=None) -> dic
         summary.update({k: final[k] for k in ("accuracy", "score", "params_score", "ops_score")},
                        **({"score_tree": final["score_tree"]} if final.get("score_tree") is not None else {}),
                        compression_params=first["params_score"] / final["params_score"],
-                       compression_ops=first["ops_score"] / final["ops_score"])
+                       compression_ops=first["ops_score"] / final["ops_score"], **_speed_summary(rows))
     summary.update(wall_time_s=round(time.time() - started, 2), **cost)
     info = {"final_stage": cfg["stages"][-1] if cfg["stages"] else None,
             "stages": {s: {k: m[k] for k in SCORE_KEYS} for s, m in stages.items()},
             "runs": runs}
     publish_metrics(cfg["summary"], {**summary, **info}, cfg["info"])
     return {**summary, **info}
+
+
+def _speed_summary(rows: list[dict]) -> dict:
+    """The final network's measured speed, and how much faster it runs than the first measured row."""
+    final = rows[-1]
+    if final.get("ms_batch1") is None:
+        return {}
+    first = next(r for r in rows if r.get("ms_batch1") is not None)
+    return {"ms_batch1": final["ms_batch1"], "images_per_s": final["images_per_s"],
+            "speedup_batch1": first["ms_batch1"] / final["ms_batch1"],
+            "speedup_batch": final["images_per_s"] / first["images_per_s"]}
 
 
 def _stage_info(cfg: dict) -> dict:

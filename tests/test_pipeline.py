@@ -130,6 +130,14 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     table = (path / "reports/table1.md").read_text()
     assert "| Pruning |" in table and "WideResNet-28-10" in table and "Accelerating (paper)" in table
     assert "| Quantizing (W8A8) |" in table
+    # Every stage's network timed in onnxruntime (report.latency): Table 1's two measured columns
+    # filled for the five stages, the final network's figures in the summary, and the integer graph
+    # running all its multiply-adds in integer kernels (output quantizers: QLinearConv / QGemm).
+    timed = [line.split("|")[9:11] for line in table.splitlines()
+             if line.startswith(("| Searching |", "| Improving |", "| Pruning |", "| Accelerating |", "| Quantizing"))]
+    assert len(timed) == 5 and all(float(ms) > 0 and float(ips.replace(",", "")) > 0 for ms, ips in timed), timed
+    assert summary["ms_batch1"] > 0 and summary["speedup_batch1"] > 0
+    assert quant["onnx_integer_mac_share"] == 1.0
     for name in ("prepare", "search", "improve", "prune", "accelerate", "quantize", "summary"):
         metrics = json.loads((path / f"metrics/{name}.json").read_text())
         assert "wall_time_s" in metrics and "images_trained" in metrics, name  # the stage's cost

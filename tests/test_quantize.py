@@ -126,14 +126,19 @@ def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, acceler
     assert m["val_accuracy"] >= m["val_target"] - 1e-9  # the threshold met the target on validation
     # Integer inference: the exported graphs under onnxruntime, adaptive at the chosen threshold.
     assert sorted(p.name for p in (tmp_path / "models/q_onnx").iterdir()) == ["full.onnx", "path.onnx", "rest.onnx"]
-    assert abs(m["onnx_accuracy"] - m["accuracy"]) <= 0.003 and m["onnx_agreement"] >= 0.97
-    # onnxruntime, all graph optimisations on, runs every quantized conv and linear layer as an
-    # integer kernel (ConvInteger / MatMulInteger), none in float; loading warns of nothing.
+    # Agreement with the stage's predictions, which run the elementwise operations at 16 bits (the
+    # counted network): an fp16 rounding can move a value across an output quantizer's step, so two
+    # of these 48 near-tie images may differ; on fp32 the graph computes what PyTorch computes
+    # (tests/test_latency.py).
+    assert abs(m["onnx_accuracy"] - m["accuracy"]) <= 0.003 and m["onnx_agreement"] >= 0.95
+    # onnxruntime, all graph optimisations on, runs every quantized conv and linear layer as one
+    # integer kernel (the outputs are quantized: QLinearConv / QGemm), none in float, so every
+    # multiply-add runs in integer; loading warns of nothing.
     convs = sum(isinstance(x, torch.nn.Conv2d) for x in tiny_model().modules())
     assert m["quantized_layers"] == convs + 1 and m["onnx_integer_layers"] == convs + 1
-    assert m["onnx_float_layers"] == 0
+    assert m["onnx_float_layers"] == 0 and m["onnx_integer_mac_share"] == 1.0
     ops = integer_kernel_counts(tmp_path / "models/q_onnx/full.onnx")
-    assert ops["ConvInteger"] == convs and ops["MatMulInteger"] == 1, ops
+    assert ops["QLinearConv"] == convs and ops["QGemm"] == 1, ops
     assert session_and_warnings(tmp_path / "models/q_onnx/full.onnx")[1] == []
     assert not [i for i in onnx.load(str(tmp_path / "models/q_onnx/full.onnx")).graph.input if i.name != "image"]
     rows = (tmp_path / "plots/q.csv").read_text().splitlines()

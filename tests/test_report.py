@@ -45,7 +45,7 @@ def _params(tmp_path, **cfg):
             "info_dir": str(tmp_path / "info"),
             "info": str(tmp_path / "info/report.json"), "claims": str(tmp_path / "reports/claims.md"),
             "figure": str(tmp_path / "reports/stages.png"), "pareto": str(tmp_path / "reports/pareto.png"),
-            "pareto_csv": str(tmp_path / "plots/pareto.csv"), **_tables(tmp_path)}
+            "pareto_csv": str(tmp_path / "plots/pareto.csv"), "latency": None, **_tables(tmp_path)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {**base, **cfg}}))
     return tmp_path / "params.yaml"
 
@@ -68,10 +68,11 @@ def test_table_and_summary(tmp_path):
     assert [r.split("|")[1].strip() for r in rows[1:]] == [
         "Searching", "Improving", "Pruning", "Accelerating", "WideResNet-28-10 (reference)",
         "Searching (paper)", "Improving (paper)", "Pruning (paper)", "Accelerating (paper)"]
-    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 | - | 0.00M | 10 s |" in rows
+    assert "| Pruning | 50.00% | 0.100M | 0.030B | 0.003000 | 0.003000 | 0.006000 | - | - | - | 0.00M | 10 s |" in rows
+    assert "Latency not measured (report.latency: null)." in table1
     assert "| #1 (CIFAR-100) | 0.0044 | DenseNet-100 distilled" in leaderboard
     assert "| this run: Accelerating (50.00%) | 0.005000 | every addition at 32 bits (strict); - by" in leaderboard
-    assert "0.005798" in rows[-1] and rows[-1].endswith("| - | - |")
+    assert "0.005798" in rows[-1] and rows[-1].endswith("| - | - | - | - |")
     assert s["images_trained"] == 4000 and "Pipeline cost: 4,000 training images processed, 40 s" in "\n".join(table)
     # The default stages end with the quantized network, its widths in its row's name.
     params = _params(tmp_path)
@@ -83,10 +84,10 @@ def test_table_and_summary(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "score_tree": 0.0012}))
     s = report(read_config(params), params_file=str(params))
     text = (tmp_path / "reports/table1.md").read_text()
-    assert s["score_tree"] == 0.0012 and "| 0.002500 | 0.001200 | 0.00M | 10 s |" in text
+    assert s["score_tree"] == 0.0012 and "| 0.002500 | 0.001200 | - | - | 0.00M | 10 s |" in text
     assert "| this run: Quantizing (W8A4) (50.00%) | 0.002500 | every addition at 32 bits (strict); 0.001200" in text
     csv = (tmp_path / "plots/summary.csv").read_text().splitlines()
-    assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score" and len(csv) == 6
+    assert csv[0] == "stage,accuracy,params,ops,params_score,ops_score,score,ms_batch1,images_per_s" and len(csv) == 6
 
 
 def test_the_figure_draws_the_stages_and_the_papers_side_panel(tmp_path):
@@ -210,14 +211,15 @@ def test_the_report_draws_every_network_of_the_run_and_its_front(tmp_path):
     _tables(tmp_path, rows)
     report(read_config(params), params_file=str(params))
     lines = (tmp_path / "plots/pareto.csv").read_text().splitlines()
-    assert lines[0] == "stage,label,accuracy,score,score_tree,chosen,front,front_tree"
+    assert lines[0] == "stage,label,accuracy,score,score_tree,ms_batch1,chosen,front,front_tree"
     table = [line.split(",") for line in lines[1:]]
     # each stage's result (chosen), then the rows that are not the input (round 0) or a stage's result
     assert [r[1] for r in table] == ["Searching", "Improving", "Pruning", "Accelerating", "Quantizing",
                                      "pruning round 1 (30% sparse)", "exit after block 2 at threshold 0.85", "W4A4 QAT"]
-    front_strict = {r[1] for r in table if r[6] == "yes"}
+    front_strict = {r[1] for r in table if r[7] == "yes"}
     assert front_strict == {"pruning round 1 (30% sparse)", "Quantizing", "W4A4 QAT"}, table
-    assert table[6][4] == "" and table[6][7] == "no"  # no adder-tree score recorded: not on that front
+    assert table[6][4] == "" and table[6][8] == "no"  # no adder-tree score recorded: not on that front
+    assert all(r[5] == "" for r in table)  # latency not measured (report.latency: null)
     with Image.open(tmp_path / "reports/pareto.png") as image:
         assert image.format == "PNG" and image.size[0] > 1000  # two panels
     (tmp_path / "plots/quantize_widths.csv").unlink()

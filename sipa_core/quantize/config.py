@@ -77,6 +77,11 @@ QUANTIZE_SCHEMA = {
     "act_quantizers": Field(str, "fitted", choices=ACT_QUANTIZERS,
                             help="fitted: each layer's input quantizer from its range (unsigned, shifted with a "
                                  "zero point, or signed); signed: every input signed"),
+    "output_bits": Field(int, 8, nullable=True, min=2, max=8,
+                         help="width of every integer layer's output quantizer (the conv / linear result before "
+                              "its activation): onnxruntime then runs each layer as one integer kernel (QLinearConv, "
+                              "QGemm); null: float outputs, the layers run as ConvInteger with float arithmetic "
+                              "around them (slower)"),
     "weight_scale": Field(str, "stats", choices=WEIGHT_SCALES,
                           help="stats: per-channel scale from max |w| at every step; learned: trained, "
                                "MSE-initialised (LSQ)"),

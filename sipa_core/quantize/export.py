@@ -1,10 +1,12 @@
 """A quantized network exported to ONNX and run with onnxruntime: Brevitas' QCDQ
-export (weights as int8 constants, biases as constants), then every quantized
-conv and linear layer rewritten into an integer kernel (``onnx_integer.py``:
-``ConvInteger`` / ``MatMulInteger`` on the integer input and weights, the int32
-accumulator scaled back per output channel, the bias added in float). What is
-not quantized (activation functions, SE gate, pooling, residual additions)
-runs in float.
+export (weights as int8 constants, biases as constants), then rewritten so that
+every quantized conv and linear layer runs as an integer kernel. A network
+trained with output quantizers becomes the QDQ graph onnxruntime fuses into
+``QLinearConv`` / ``QGemm`` (``onnx_qdq.py``: integer biases, uint8
+activations); one without them gets ``ConvInteger`` / ``MatMulInteger`` on the
+integer input and weights, the int32 accumulator scaled back per output channel
+and the bias added in float (``onnx_integer.py``). What is not quantized
+(activation functions, SE gate, pooling, residual additions) runs in float.
 
 A network with an exit is exported as two graphs, so that adaptive inference
 really skips work: ``path`` (input -> exit logits and the features at the
@@ -24,8 +26,10 @@ import torch
 from torch import nn
 
 from sipa_core.io import atomic_write_bytes
+from sipa_core.latency import integer_share, kernel_macs
 from sipa_core.quantize.onnx_integer import (FLOAT_KERNELS, INTEGER_KERNELS, integer_kernel_counts, rewrite_integer,
                                              session_and_warnings)
+from sipa_core.quantize.onnx_qdq import has_output_quantizers, rewrite_qdq
 from sipa_core.quantize.qat import quantized_layer_count
 from sipa_core.train.evaluation import accuracy, normalized
 
@@ -57,28 +61,40 @@ class Rest(nn.Module):
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[list, list]) -> Path:
     """QCDQ export with weights and biases as initializers (Brevitas otherwise keeps them as graph
-    inputs: onnxruntime warns for each and cannot fold them), then the integer rewrite."""
+    inputs: onnxruntime warns for each and cannot fold them), then the integer rewrite (the QDQ form
+    where every layer's output is quantized, else integer kernels with float arithmetic around)."""
     from brevitas.export import export_onnx_qcdq  # noqa: PLC0415 (heavy, export only)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx_qcdq(module.eval(), args=example, export_path=str(path), opset_version=OPSET, dynamo=False,
                      input_names=names[0], output_names=names[1], keep_initializers_as_inputs=False,
                      do_constant_folding=True, dynamic_axes={n: {0: "batch"} for n in names[0] + names[1]})
-    graph, _ = rewrite_integer(onnx.load(str(path)))
+    graph = onnx.load(str(path))
+    graph, _ = rewrite_qdq(graph) if has_output_quantizers(graph) else rewrite_integer(graph)
     onnx.save(graph, str(path))
     return path
 
 
+def _export_float(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[list, list]) -> Path:
+    """A floating-point network as it is (the graph its latency is measured on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(module.eval(), (example,), str(path), opset_version=OPSET, dynamo=False,
+                      input_names=names[0], output_names=names[1], do_constant_folding=True,
+                      dynamic_axes={n: {0: "batch"} for n in names[0] + names[1]})
+    return path
+
+
 @torch.no_grad()
-def export_network(main: nn.Module, net, input_shape, folder: Path) -> dict[str, Path]:
-    """ONNX files of the quantized network: ``full`` always; ``path`` and ``rest`` with an exit."""
-    folder = Path(folder)
+def export_network(main: nn.Module, net, input_shape, folder: Path, quantized: bool = True) -> dict[str, Path]:
+    """ONNX files of the network (quantized: the integer graph; else the float network as it is):
+    ``full`` always; ``path`` and ``rest`` with an exit."""
+    folder, write = Path(folder), _export if quantized else _export_float
     x = torch.zeros(1, *input_shape)
-    files = {"full": _export(main, x, folder / "full.onnx", (["image"], ["logits"]))}
+    files = {"full": write(main, x, folder / "full.onnx", (["image"], ["logits"]))}
     if net is not None:
-        files["path"] = _export(ExitPath(net), x, folder / "path.onnx", (["image"], ["exit_logits", "features"]))
+        files["path"] = write(ExitPath(net), x, folder / "path.onnx", (["image"], ["exit_logits", "features"]))
         h = net.features(x)
-        files["rest"] = _export(Rest(net), h, folder / "rest.onnx", (["features"], ["logits"]))
+        files["rest"] = write(Rest(net), h, folder / "rest.onnx", (["features"], ["logits"]))
     return files
 
 
@@ -134,7 +150,8 @@ def export_and_check(main: nn.Module, net, threshold: float | None, data, test_p
                      folder: Path) -> tuple[dict[str, bytes], dict]:
     """Export the network to ONNX in ``folder`` and run the test split with onnxruntime (adaptively at
     ``threshold`` with an exit): (the files' bytes by name, metrics: accuracy, agreement with the
-    PyTorch predictions, and the kernels onnxruntime runs the layers with after its optimisations)."""
+    PyTorch predictions, the kernels onnxruntime runs the layers with after its optimisations, and
+    the share of the multiply-adds those integer kernels run)."""
     h = data.image_size[0]
     files = export_network(main, net, (3, h, h), Path(folder))
     x, y = data.split("test")
@@ -144,6 +161,7 @@ def export_and_check(main: nn.Module, net, threshold: float | None, data, test_p
                "onnx_agreement": float((preds == test_predictions).float().mean()),
                "onnx_integer_layers": sum(ops.get(k, 0) for k in INTEGER_KERNELS),
                "onnx_float_layers": sum(ops.get(k, 0) for k in FLOAT_KERNELS),
+               "onnx_integer_mac_share": integer_share(kernel_macs(files["full"])),
                "quantized_layers": quantized_layer_count(main)}
     return {f"{name}.onnx": path.read_bytes() for name, path in files.items()}, metrics
 

@@ -1,15 +1,15 @@
-"""The quantized network's ONNX graph rewritten so that onnxruntime runs every quantized
+"""The graph of a quantized network trained without output quantizers
+(``quantize.output_bits: null``) rewritten so that onnxruntime runs every quantized
 conv and linear layer as an integer kernel: ``ConvInteger`` / ``MatMulInteger``.
+(A network trained with output quantizers takes the QDQ route, ``onnx_qdq.py``:
+``QLinearConv`` / ``QGemm``, faster.)
 
 Why a rewrite. Brevitas' QCDQ export gives each layer ``QuantizeLinear(x) ->
 DequantizeLinear -> Conv <- DequantizeLinear(int8 weight)``. onnxruntime turns a
 Conv into ``QLinearConv`` only when a QuantizeLinear follows its output (its QDQ
-Conv selector); here the next quantizer sits after the activation function, the
-SE gate or the residual addition, so onnxruntime dequantizes the weights and runs
-a float convolution. ``QLinearConv`` would need the layers' outputs quantized as
-well, which is a different network from the one trained; Brevitas' QOp export,
-which emitted it, was removed (Brevitas PR 917), and onnxruntime's
-``quantize_static`` quantizes every op's output for the same reason.
+Conv selector); without output quantizers the next quantizer sits after the
+activation function, the SE gate or the residual addition, so onnxruntime would
+dequantize the weights and run a float convolution.
 
 The rewrite is exact up to float rounding: with the input's per-tensor scale s_x
 and zero point z_x and the weights' per-channel scales s_w (symmetric: zero
@@ -42,7 +42,7 @@ INTEGER_KERNELS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "MatMul")  # a layer onnxruntime runs in floating point
 
 
-class _Graph:
+class GraphIndex:
     """Index of a graph: who produces each tensor, and its constants."""
 
     def __init__(self, graph: onnx.GraphProto):
@@ -64,7 +64,7 @@ class _Graph:
         return name
 
 
-def _dq_parts(ix: _Graph, name: str):
+def dq_parts(ix: GraphIndex, name: str):
     """(quantized tensor name, scale, zero point, axis) of a DequantizeLinear output, or None."""
     dq = ix.producer.get(name)
     if dq is None or dq.op_type != "DequantizeLinear":
@@ -75,7 +75,7 @@ def _dq_parts(ix: _Graph, name: str):
     return dq.input[0], scale, zp, axis
 
 
-def _int_weight(ix: _Graph, name: str) -> np.ndarray | None:
+def _int_weight(ix: GraphIndex, name: str) -> np.ndarray | None:
     """The integer weight feeding a weight DQ: an initializer, or Clip(initializer) (Brevitas
     clips narrow-range / sub-8-bit weights; folded here so the weight is one constant)."""
     w = ix.const(name)
@@ -88,10 +88,10 @@ def _int_weight(ix: _Graph, name: str) -> np.ndarray | None:
     return np.clip(ix.const(clip.input[0]), lo, hi).astype(ix.const(clip.input[0]).dtype)
 
 
-def _layer_operands(ix: _Graph, node):
+def _layer_operands(ix: GraphIndex, node):
     """Integer operands of a Conv/Gemm fed by DQ(activation) and DQ(constant weight), or None
     when the layer is not in that form (a float layer, asymmetric weights, per-channel input)."""
-    x, w = _dq_parts(ix, node.input[0]), _dq_parts(ix, node.input[1])
+    x, w = dq_parts(ix, node.input[0]), dq_parts(ix, node.input[1])
     if x is None or w is None or x[1] is None or x[1].size != 1 or x[2] is None:
         return None
     w_int = _int_weight(ix, w[0])
@@ -104,12 +104,12 @@ def _layer_operands(ix: _Graph, node):
         np.asarray(w[1], np.float64).reshape(-1), bias
 
 
-def _to_u8(a: np.ndarray) -> np.ndarray:
+def to_uint8(a: np.ndarray) -> np.ndarray:
     """An int8 array as uint8 with the zero point moved by 128 (value - zp is unchanged)."""
     return (a.astype(np.int16) + 128).astype(np.uint8) if a.dtype == np.int8 else a
 
 
-def _uint8_input(ix: _Graph, xq: str, zx: np.ndarray, extra: list, done: dict) -> tuple[str, np.ndarray]:
+def _uint8_input(ix: GraphIndex, xq: str, zx: np.ndarray, extra: list, done: dict) -> tuple[str, np.ndarray]:
     """The activation quantized to uint8 (zero point + 128): MLAS' u8u8 GEMM is fast and exact
     everywhere; int8 activations take a slow path, u8s8 can saturate on AVX2 without VNNI.
     QuantizeLinear(x, s, z + 128) to uint8 equals QuantizeLinear(x, s, z) to int8 plus 128,
@@ -121,19 +121,19 @@ def _uint8_input(ix: _Graph, xq: str, zx: np.ndarray, extra: list, done: dict) -
         q = ix.producer.get(clip.input[0]) if clip is not None and clip.op_type == "Clip" else clip
         if q is None or q.op_type != "QuantizeLinear":
             return xq, zx  # not produced by a QuantizeLinear: keep int8
-        zp = ix.add_init(xq + "_u8zp", _to_u8(zx))
+        zp = ix.add_init(xq + "_u8zp", to_uint8(zx))
         out = xq + "_u8"
         if q is clip:
             extra.append(helper.make_node("QuantizeLinear", [q.input[0], q.input[1], zp], [out]))
         else:
-            lo, hi = (ix.add_init(xq + n, _to_u8(ix.const(clip.input[i]))) for n, i in (("_u8lo", 1), ("_u8hi", 2)))
+            lo, hi = (ix.add_init(xq + n, to_uint8(ix.const(clip.input[i]))) for n, i in (("_u8lo", 1), ("_u8hi", 2)))
             extra.append(helper.make_node("QuantizeLinear", [q.input[0], q.input[1], zp], [out + "_q"]))
             extra.append(helper.make_node("Clip", [out + "_q", lo, hi], [out]))
         done[xq] = out
-    return done[xq], _to_u8(zx)
+    return done[xq], to_uint8(zx)
 
 
-def _rescale(ix: _Graph, node, acc: str, scale: np.ndarray, bias, axis: int) -> list:
+def _rescale(ix: GraphIndex, node, acc: str, scale: np.ndarray, bias, axis: int) -> list:
     """int32 accumulator -> float: DequantizeLinear(int32, s_x*s_w per output channel) (one op
     for Cast+Mul), then Add the float bias (kept in float: quantizing it would round it)."""
     p, out = node.output[0] + "_int", node.output[0]
@@ -147,20 +147,20 @@ def _rescale(ix: _Graph, node, acc: str, scale: np.ndarray, bias, axis: int) -> 
     return nodes
 
 
-def _conv_integer(ix: _Graph, node, ops, extra: list, done: dict) -> list:
+def _conv_integer(ix: GraphIndex, node, ops, extra: list, done: dict) -> list:
     """Conv -> ConvInteger (same pads/strides/groups: ConvInteger pads with x's zero point,
     i.e. a real zero) -> rescale. uint8 x uint8 (zero points 128) for MLAS' exact fast path."""
     xq, sx, zx, w, sw, bias = ops
     p = node.output[0] + "_int"
     xq, zx = _uint8_input(ix, xq, zx, extra, done)
-    wn, zwn = ix.add_init(p + "_w", _to_u8(w)), ix.add_init(p + "_wzp", _to_u8(np.zeros((), w.dtype)))
+    wn, zwn = ix.add_init(p + "_w", to_uint8(w)), ix.add_init(p + "_wzp", to_uint8(np.zeros((), w.dtype)))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     conv = helper.make_node("ConvInteger", [xq, wn, ix.add_init(p + "_xzp", zx), zwn], [p + "_acc"],
                             name=node.name + "_int", **attrs)
     return [conv] + _rescale(ix, node, p + "_acc", sx * sw, bias, 1)
 
 
-def _matmul_integer(ix: _Graph, node, ops, extra: list, done: dict) -> list | None:
+def _matmul_integer(ix: GraphIndex, node, ops, extra: list, done: dict) -> list | None:
     """Gemm(x, W^T) + b -> MatMulInteger(x_q, W_q^T) -> rescale (a plain Linear only)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
@@ -169,13 +169,13 @@ def _matmul_integer(ix: _Graph, node, ops, extra: list, done: dict) -> list | No
     w = w.T if attrs.get("transB", 0) else w  # MatMulInteger wants B as [K, N]
     p = node.output[0] + "_int"
     xq, zx = _uint8_input(ix, xq, zx, extra, done)
-    args = [xq, ix.add_init(p + "_w", np.ascontiguousarray(_to_u8(w))), ix.add_init(p + "_xzp", zx),
-            ix.add_init(p + "_wzp", _to_u8(np.zeros((), w.dtype)))]
+    args = [xq, ix.add_init(p + "_w", np.ascontiguousarray(to_uint8(w))), ix.add_init(p + "_xzp", zx),
+            ix.add_init(p + "_wzp", to_uint8(np.zeros((), w.dtype)))]
     mm = helper.make_node("MatMulInteger", args, [p + "_acc"], name=node.name + "_int")
     return [mm] + _rescale(ix, node, p + "_acc", sx * sw, bias, 1)
 
 
-def _prune(graph: onnx.GraphProto) -> None:
+def prune_unused(graph: onnx.GraphProto) -> None:
     """Drop nodes whose outputs nobody reads (the float DQ/Clip chains replaced above) and
     initializers nobody reads, repeatedly, so the weights exist once, as int8."""
     while True:
@@ -193,7 +193,7 @@ def _prune(graph: onnx.GraphProto) -> None:
 def rewrite_integer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """Replace every DQ-fed Conv and Gemm by its integer form; returns (model, counts of the
     layers rewritten and kept)."""
-    ix, new_nodes, done, u8_done = _Graph(model.graph), [], collections.Counter(), {}
+    ix, new_nodes, done, u8_done = GraphIndex(model.graph), [], collections.Counter(), {}
     for node in list(model.graph.node):
         ops = _layer_operands(ix, node) if node.op_type in ("Conv", "Gemm") else None
         repl, extra = None, []  # extra: the uint8 QuantizeLinear, placed before the layer
@@ -205,7 +205,7 @@ def rewrite_integer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         new_nodes.extend(repl or [node])
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    _prune(model.graph)
+    prune_unused(model.graph)
     onnx.checker.check_model(model)
     return model, {k: v for k, v in done.items() if v}
 

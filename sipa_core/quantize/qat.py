@@ -10,11 +10,13 @@ being retired.
 
 What is quantized: every convolution and linear layer's weight (per output
 channel, symmetric, so a pruned zero stays zero) and its input (per tensor),
-with the quantizers ``quantizers.py`` chooses. The elementwise products
-between them (activation functions, the SE gate, pooling's division) are not
-quantized here; they are counted at 16 bits, and the network is evaluated
-running them at 16 bits (``train.evaluation.sixteen_bit``). A layer at 16
-bits or more stays floating point.
+with the quantizers ``quantizers.py`` chooses, and (``quantize.output_bits``)
+its output before the activation, so that onnxruntime runs the layer as one
+integer kernel. The elementwise products between them (activation
+functions, the SE gate, pooling's division) are not quantized here; they
+are counted at 16 bits, and the network is evaluated running them at 16
+bits (``train.evaluation.sixteen_bit``). A layer at 16 bits or more stays
+floating point.
 
 The module names do not change (a quantized conv is where its float conv
 was), so pruning masks, optimizer state names and the per-layer width
@@ -32,6 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import SameConv2d
+from sipa_core.quantize.activations import float_activations, quantize_activations
 from sipa_core.quantize.quantizers import Quantizers, brevitas_quantizers, quantization_targets
 from sipa_core.scoring.bits import BitWidths
 from sipa_core.train.evaluation import integer_weights
@@ -77,10 +80,10 @@ def _quant_classes():
     return qnn, QuantSameConv2d
 
 
-def _quant_twin(module: nn.Module, w_bits: int, a_bits: int, kind: str, weight_scale: str) -> nn.Module:
+def _quant_twin(module: nn.Module, w_bits: int, a_bits: int, kind: str, quantizers: Quantizers) -> nn.Module:
     """A Brevitas module computing what ``module`` computes, holding the same tensors."""
     qnn, QuantSameConv2d = _quant_classes()
-    q = brevitas_quantizers(w_bits, a_bits, kind, weight_scale, FLOAT_BITS)
+    q = brevitas_quantizers(w_bits, a_bits, kind, quantizers.weight_scale, FLOAT_BITS, quantizers.outputs)
     if isinstance(module, nn.Conv2d):
         cls = QuantSameConv2d if isinstance(module, SameConv2d) else qnn.QuantConv2d
         twin = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -110,7 +113,9 @@ def check_widths(widths: BitWidths, names) -> None:
 def quantize_modules(model: nn.Module, widths: BitWidths, quantizers: Quantizers | None = None) -> int:
     """Replace every Conv2d and Linear of ``model`` by its Brevitas twin at the layer's
     widths (``widths.layer(name)``) with its quantizers (default: every input signed,
-    weight scales from statistics). Run ``fold_batchnorm`` first."""
+    weight scales from statistics); with output quantizers (``quantizers.outputs``) every
+    swish and squeeze-excitation gate gets its sigmoid quantized too (``activations.py``).
+    Run ``fold_batchnorm`` first."""
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise SipaError("quantize: fold BatchNorm before quantizing (fold_batchnorm)")
     quantizers = quantizers or Quantizers()
@@ -118,7 +123,9 @@ def quantize_modules(model: nn.Module, widths: BitWidths, quantizers: Quantizers
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quant_twin(module, *widths.layer(name), quantizers.kind(name), quantizers.weight_scale))
+        setattr(parent, child, _quant_twin(module, *widths.layer(name), quantizers.kind(name), quantizers))
+    if quantizers.outputs is not None:
+        quantize_activations(model)
     return len(targets)
 
 
@@ -157,6 +164,7 @@ def float_twin(model: nn.Module) -> nn.Module:
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer  # noqa: PLC0415 (brevitas is heavy)
 
     twin = copy.deepcopy(model)
+    float_activations(twin)
     for name, m in list(twin.named_modules()):
         if not isinstance(m, QuantWeightBiasInputOutputLayer):
             continue

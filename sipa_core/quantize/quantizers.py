@@ -19,6 +19,16 @@ pruned zero stays zero): ``stats`` recomputes each scale from max |w| at every
 step (``Int8WeightPerChannelFloat``); ``learned`` trains the scale, initialised
 by minimising the quantization MSE (``Int8WeightPerChannelFloatMSE``, LSQ).
 
+Outputs (``Quantizers.outputs``, the ``quantize.output_bits`` parameter; 8 by default): every
+integer layer's output, the conv or linear result with its folded BatchNorm bias before the
+activation, quantized per tensor, signed (``Int8ActPerTensorFloat``). onnxruntime runs a layer as
+one integer kernel (``QLinearConv``, with its depthwise kernels, or ``QGemm``) only when a
+QuantizeLinear follows its output (its QDQ selectors); without it the layer runs as
+``ConvInteger`` with float arithmetic around it (``onnx_integer.py``). Trained with the network,
+so that what QAT trains is what the integer graph computes. Counting: the requantization of an
+output element is the per-channel scale multiplication the adder-tree accounting already counts;
+the elementwise operations after it stay counted at 16 bits.
+
 Counting: a layer whose input is unsigned or shifted has operands of
 weight + activation bits in the adder tree (signed: one bit less); a shifted
 input's zero point is folded into the layer's bias (sum of w x (q - z) =
@@ -95,6 +105,7 @@ class Quantizers:
 
     inputs: dict = field(default_factory=dict)  # layer name -> INPUT_KINDS (absent: signed)
     weight_scale: str = "stats"
+    outputs: int | None = None  # width of every integer layer's output quantizer (None: float outputs)
 
     def kind(self, name: str) -> str:
         return self.inputs.get(name, "signed")
@@ -104,33 +115,40 @@ class Quantizers:
         return tuple(sorted(n for n, k in self.inputs.items() if k != "signed"))
 
     def as_record(self) -> dict:
-        return {"inputs": dict(sorted(self.inputs.items())), "weight_scale": self.weight_scale}
+        return {"inputs": dict(sorted(self.inputs.items())), "weight_scale": self.weight_scale,
+                "outputs": self.outputs}
 
     @classmethod
     def from_record(cls, record: dict | None) -> Quantizers:
-        """A checkpoint's record (absent in checkpoints older than this option: every input signed)."""
+        """A checkpoint's record (absent in checkpoints older than this option: every input signed;
+        ``outputs`` absent in those older than output quantizers: float outputs)."""
         if not record:
             return cls()
         inputs, scale = dict(record.get("inputs", {})), record.get("weight_scale", "stats")
+        outputs = record.get("outputs")
         bad = [k for k in inputs.values() if k not in INPUT_KINDS]
-        if bad or scale not in WEIGHT_SCALES:
-            raise SipaError(f"malformed quantizer record (input kind {bad[:1]} / weight scale {scale!r})")
-        return cls(inputs, scale)
+        if bad or scale not in WEIGHT_SCALES or not (outputs is None or isinstance(outputs, int)):
+            raise SipaError(f"malformed quantizer record (input kind {bad[:1]} / weight scale {scale!r} / "
+                            f"outputs {outputs!r})")
+        return cls(inputs, scale, outputs)
 
 
 def fitted_quantizers(model: nn.Module, batches, act: str, weight_scale: str,
-                      part: nn.Module | None = None) -> Quantizers:
-    """The quantizers of ``part``'s layers (``act``: ``fitted`` from their input ranges, or ``signed``)."""
+                      part: nn.Module | None = None, outputs: int | None = None) -> Quantizers:
+    """The quantizers of ``part``'s layers (``act``: ``fitted`` from their input ranges, or ``signed``;
+    ``outputs``: the width of their output quantizers, None for float outputs)."""
     if act not in ACT_QUANTIZERS:
         raise SipaError(f"activation quantizers must be one of {', '.join(ACT_QUANTIZERS)}, got {act!r}")
     if act == "signed":
-        return Quantizers({}, weight_scale)
+        return Quantizers({}, weight_scale, outputs)
     kinds = {n: input_kind(lo, hi) for n, (lo, hi) in input_ranges(model, batches, part).items()}
-    return Quantizers({n: k for n, k in kinds.items() if k != "signed"}, weight_scale)
+    return Quantizers({n: k for n, k in kinds.items() if k != "signed"}, weight_scale, outputs)
 
 
-def brevitas_quantizers(w_bits: int, a_bits: int, kind: str, weight_scale: str, float_bits: int) -> dict:
-    """Keyword arguments of a Brevitas layer at these widths (a width >= ``float_bits``: no quantizer)."""
+def brevitas_quantizers(w_bits: int, a_bits: int, kind: str, weight_scale: str, float_bits: int,
+                        output_bits: int | None = None) -> dict:
+    """Keyword arguments of a Brevitas layer at these widths (a width >= ``float_bits``: no quantizer;
+    an output quantizer at ``output_bits`` on a layer whose weights and input are both integer)."""
     from brevitas.quant import (  # noqa: PLC0415 (brevitas is heavy)
         Int8ActPerTensorFloat,
         Int8WeightPerChannelFloat,
@@ -145,6 +163,8 @@ def brevitas_quantizers(w_bits: int, a_bits: int, kind: str, weight_scale: str, 
     kw = dict(weight_quant=weight, weight_bit_width=w_bits) if w_bits < float_bits else dict(weight_quant=None)
     if a_bits < float_bits:
         kw.update(input_quant=act, input_bit_width=a_bits)
+    if output_bits is not None and output_bits < float_bits and w_bits < float_bits and a_bits < float_bits:
+        kw.update(output_quant=Int8ActPerTensorFloat, output_bit_width=output_bits)
     return kw
 
 

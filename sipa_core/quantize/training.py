@@ -74,11 +74,11 @@ class QuantRun:
 
     def fit_quantizers(self) -> None:
         """Each layer's input quantizer, from the float input network's ranges on the calibration batches."""
-        act, scale = self.cfg["act_quantizers"], self.cfg["weight_scale"]
-        self.quantizers = fitted_quantizers(self.main, self.batches(), act, scale)
+        act, scale, outputs = self.cfg["act_quantizers"], self.cfg["weight_scale"], self.cfg["output_bits"]
+        self.quantizers = fitted_quantizers(self.main, self.batches(), act, scale, outputs=outputs)
         if self.exit_record is not None:
             net = self.float_exit_net()
-            self.exit_quantizers = fitted_quantizers(net, self.batches(), act, scale, part=net.exit)
+            self.exit_quantizers = fitted_quantizers(net, self.batches(), act, scale, part=net.exit, outputs=outputs)
 
     def exit_widths(self, widths: BitWidths) -> BitWidths:
         """The exit's widths: the defaults without per-layer overrides, its own unsigned inputs."""
