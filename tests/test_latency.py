@@ -10,7 +10,7 @@ import torch
 
 from helpers import tiny_model
 from sipa_core.latency import integer_share, kernel_macs, measure
-from sipa_core.quantize.activations import QuantSqueezeExcite, QuantSwish
+from sipa_core.quantize.activations import OutputQuant, QuantSqueezeExcite, QuantSwish
 from sipa_core.quantize.onnx_integer import integer_kernel_counts
 from sipa_core.quantize.export import OnnxNetwork, export_network
 from sipa_core.quantize.qat import calibrate, fold_batchnorm, quantize_modules
@@ -73,6 +73,13 @@ def test_with_output_quantizers_every_layer_runs_in_a_qlinear_kernel(tmp_path, b
     sigmoids = sum(isinstance(m, (QuantSwish, QuantSqueezeExcite)) for m in model.modules())
     ops = integer_kernel_counts(files["full"])
     assert sigmoids > 0 and ops["QLinearSigmoid"] == sigmoids and ops["QLinearMul"] >= 1, ops
+    # a swish whose product is pooled and gated (SE blocks) or pooled (the head) has its own output
+    # quantizer, its range from the calibration batches: that product runs as QLinearMul too
+    shared = [m for m in model.modules() if isinstance(m, OutputQuant)]
+    se_blocks = sum(isinstance(m, QuantSqueezeExcite) for m in model.modules())
+    assert len(shared) == se_blocks + 1 and all(q.act_scale.item() > 0 and q.observed is None for q in shared)
+    assert all(0 <= q.zero_point.item() <= 255 for q in shared)
+    assert ops["QLinearMul"] >= len(shared) + 1 and ops.get("Mul", 0) <= 2, ops
     x = torch.randn(64, *SHAPE)
     out = OnnxNetwork.load(files).logits(x.numpy(), False)[0]
     with torch.no_grad():

@@ -116,7 +116,16 @@ def test_missing_or_broken_metrics_exit_2(tmp_path, run_script):
     params = _params(tmp_path, stages=["serch"])
     code, _, err = run_script(ROOT / "stages/report.py", "--params", params)
     assert code == 2 and "report.stages: unknown stage 'serch'" in err
+    for latency, said in (({"threds": 2}, "unknown key 'threds'"), ({"batch": 0}, "batch must be a positive")):
+        params = _params(tmp_path, stages=["search"], latency=latency)
+        code, _, err = run_script(ROOT / "stages/report.py", "--params", params)
+        assert code == 2 and "report.latency" in err and said in err and err.count("\n") == 1, err
     assert not (tmp_path / "reports/table1.md").exists()
+
+
+def test_latency_settings_fill_in_from_the_defaults(tmp_path):
+    cfg = read_config(_params(tmp_path, latency={"threads": 1}))
+    assert cfg["latency"] == {"threads": 1, "singles": 200, "batch": 256, "rounds": 5}
 
 
 def test_a_round_chosen_on_test_is_marked(tmp_path):

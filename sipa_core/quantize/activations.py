@@ -34,15 +34,52 @@ class GateQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, 1.0 / GATE_LEVELS, 0, 0, GATE_LEVELS)
 
 
-class QuantSwish(nn.Module):
-    """swish(x) = x * sigmoid(x), the sigmoid quantized (``GateQuant``)."""
+class OutputQuant(nn.Module):
+    """An activation's output in 8 unsigned bits with a zero point: its range from the calibration
+    batches (``calibrate``), then the scale trained (LSQ: Esser et al. 2020) and the zero point kept.
+    Exports to ONNX as QuantizeLinear / DequantizeLinear."""
+
+    LEVELS = 255
 
     def __init__(self):
         super().__init__()
-        self.gate_quant = GateQuant()
+        self.act_scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.observed: list[float] | None = None  # [min, max] while calibrating
 
     def forward(self, x):
-        return x * self.gate_quant(torch.sigmoid(x))
+        if self.observed is not None:
+            self.observed = [min(self.observed[0], float(x.min())), max(self.observed[1], float(x.max()))]
+            return x
+        if torch.onnx.is_in_onnx_export():
+            return torch.fake_quantize_per_tensor_affine(x, float(self.act_scale), int(self.zero_point), 0,
+                                                         self.LEVELS)
+        return torch._fake_quantize_learnable_per_tensor_affine(x, self.act_scale, self.zero_point, 0, self.LEVELS,
+                                                                 1.0)
+
+    @torch.no_grad()
+    def set_range(self) -> None:
+        """Scale and zero point from the observed range (zero inside it), and stop observing."""
+        low, high = min(self.observed[0], 0.0), max(self.observed[1], 0.0)
+        scale = max(high - low, 1e-8) / self.LEVELS
+        self.act_scale.fill_(scale)
+        self.zero_point.fill_(min(self.LEVELS, max(0, round(-low / scale))))
+        self.observed = None
+
+
+class QuantSwish(nn.Module):
+    """swish(x) = x * sigmoid(x), the sigmoid quantized (``GateQuant``), and the product too where
+    ``output_quant`` (where it feeds more than one layer: an SE block's pooling and gate, the head's
+    pooling)."""
+
+    def __init__(self, output_quant: bool = False):
+        super().__init__()
+        self.gate_quant = GateQuant()
+        self.output_quant = OutputQuant() if output_quant else None
+
+    def forward(self, x):
+        y = x * self.gate_quant(torch.sigmoid(x))
+        return y if self.output_quant is None else self.output_quant(y)
 
 
 class QuantSqueezeExcite(SqueezeExcite):
@@ -69,10 +106,34 @@ def quantize_activations(model: nn.Module) -> int:
     blocks = [(n, m) for n, m in model.named_modules() if type(m) is SqueezeExcite]
     for name, se in blocks:  # first the blocks, then every swish (inside them too)
         _replace(model, name, QuantSqueezeExcite(se))
+    shared = _shared_swishes(model)
     swishes = [n for n, m in model.named_modules() if type(m) is nn.SiLU]
     for name in swishes:
-        _replace(model, name, QuantSwish())
+        _replace(model, name, QuantSwish(output_quant=name in shared))
+    if swishes:
+        model.to(next(model.parameters()).device)
     return len(blocks) + len(swishes)
+
+
+def _shared_swishes(model: nn.Module) -> set[str]:
+    """Swishes whose product feeds more than one layer, in the EfficientNet family's blocks: the
+    depthwise conv's swish in a block with SE (pooled and gated) and the head's (pooled)."""
+    out = set()
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if getattr(m, "se", None) is not None and isinstance(getattr(m, "depthwise", None), nn.Sequential):
+            out.add(f"{prefix}depthwise.{len(m.depthwise) - 1}")
+        if name == "" and isinstance(getattr(m, "head", None), nn.Sequential):
+            out.add(f"head.{len(m.head) - 1}")
+    return out
+
+
+def observe_outputs(part: nn.Module) -> list[OutputQuant]:
+    """Start observing the range of every ``OutputQuant`` of ``part`` (``set_range`` ends it)."""
+    quants = [m for m in part.modules() if isinstance(m, OutputQuant)]
+    for q in quants:
+        q.observed = [float("inf"), float("-inf")]
+    return quants
 
 
 def float_activations(model: nn.Module) -> None:

@@ -34,7 +34,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from sipa_core.errors import SipaError
 from sipa_core.models.layers import SameConv2d
-from sipa_core.quantize.activations import float_activations, quantize_activations
+from sipa_core.quantize.activations import float_activations, observe_outputs, quantize_activations
 from sipa_core.quantize.quantizers import Quantizers, brevitas_quantizers, quantization_targets
 from sipa_core.scoring.bits import BitWidths
 from sipa_core.train.evaluation import integer_weights
@@ -152,9 +152,12 @@ def calibrate(model: nn.Module, batches, part: nn.Module | None = None) -> None:
 
     was_training = model.training
     model.eval()
+    outputs = observe_outputs(part if part is not None else model)  # the activations' own quantizers
     with calibration_mode(part if part is not None else model):
         for xb in batches:
             model(xb)
+    for quant in outputs:
+        quant.set_range()
     model.train(was_training)
 
 
