@@ -79,6 +79,7 @@ def test_with_output_quantizers_every_layer_runs_in_a_qlinear_kernel(tmp_path, b
     se_blocks = sum(isinstance(m, QuantSqueezeExcite) for m in model.modules())
     assert len(shared) == se_blocks + 1 and all(q.act_scale.item() > 0 and q.observed is None for q in shared)
     assert all(0 <= q.zero_point.item() <= 255 for q in shared)
+    assert not [n for n, _ in model.named_parameters() if "act_scale" in n]  # fixed after calibration
     assert ops["QLinearMul"] >= len(shared) + 1 and ops.get("Mul", 0) <= 2, ops
     x = torch.randn(64, *SHAPE)
     out = OnnxNetwork.load(files).logits(x.numpy(), False)[0]

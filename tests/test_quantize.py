@@ -128,9 +128,9 @@ def test_stage_quantizes_keeps_sparsity_recalibrates_and_loads(tmp_path, acceler
     assert sorted(p.name for p in (tmp_path / "models/q_onnx").iterdir()) == ["full.onnx", "path.onnx", "rest.onnx"]
     # Agreement with the stage's predictions, which run the elementwise operations at 16 bits (the
     # counted network): an fp16 rounding can move a value across an output quantizer's step, so two
-    # of these 48 near-tie images may differ; on fp32 the graph computes what PyTorch computes
-    # (tests/test_latency.py).
-    assert abs(m["onnx_accuracy"] - m["accuracy"]) <= 0.003 and m["onnx_agreement"] >= 0.95
+    # of these 48 near-tie images may differ (one of them changing the accuracy); on fp32 the graph
+    # computes what PyTorch computes (tests/test_latency.py).
+    assert abs(m["onnx_accuracy"] - m["accuracy"]) <= 1 / 48 + 1e-6 and m["onnx_agreement"] >= 0.95
     # onnxruntime, all graph optimisations on, runs every quantized conv and linear layer as one
     # integer kernel (the outputs are quantized: QLinearConv / QGemm), none in float, so every
     # multiply-add runs in integer; loading warns of nothing.

@@ -169,9 +169,8 @@ def brevitas_quantizers(w_bits: int, a_bits: int, kind: str, weight_scale: str, 
 
 
 def is_quantizer_parameter(name: str) -> bool:
-    """A Brevitas scale or zero point, or an activation output's scale (``activations.OutputQuant``):
-    trained at its own learning rate, without weight decay."""
-    return name.endswith(("scaling_impl.value", "zero_point_impl.value", ".act_scale"))
+    """A Brevitas scale or zero point (trained at its own learning rate, without weight decay)."""
+    return name.endswith(("scaling_impl.value", "zero_point_impl.value"))
 
 
 @torch.no_grad()
