@@ -42,9 +42,10 @@ def _wait_for_queue(path, env, name, timeout=900) -> str:
 
 
 def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, cifar10_jpeg):
-    """A change to a file the prune stage imports marks prune (and accelerate and quantize, which
-    import it too) changed, not search or improve; a change to quantization-aware training marks
-    the quantizing stage alone (the earlier stages' caches stay), and one to a data source's reader
+    """A change to a file the prune stage imports marks prune (and accelerate, quantize and report,
+    which import it too: the report builds every stage's network to time it) changed, not search
+    or improve; a change to quantization-aware training marks the quantizing stage and the report
+    alone (the earlier stages' caches stay), and one to a data source's reader
     the prepare stage alone; a queued prune-only experiment
     runs prune, accelerate, quantize and report only: search and improve come from the cache."""
     path, env = project
@@ -59,13 +60,13 @@ def test_code_changes_and_queued_experiments_rerun_only_what_changed(project, ci
     original = masks.read_text()
     masks.write_text(original + "\n# touched\n")
     changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
-    assert changed == {"prune", "accelerate", "quantize"}, changed
+    assert changed == {"prune", "accelerate", "quantize", "report"}, changed
     masks.write_text(original)
     for module in ("qat.py", "quantizers.py", "record.py"):
         qat = path / "sipa_core/quantize" / module
         qat.write_text(qat.read_text() + "\n# touched\n")
         changed = set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
-        assert changed == {"quantize"}, (module, changed)
+        assert changed == {"quantize", "report"}, (module, changed)
         run(["git", "checkout", "--", f"sipa_core/quantize/{module}"], path, env)
     sources = path / "sipa_core/data/sources.py"
     sources.write_text(sources.read_text() + "\n# touched\n")
