@@ -100,10 +100,10 @@ def main():
         rows, runners = [], {}
         for name, files, threshold in graphs(args, data, Path(tmp)):
             onnx = OnnxNetwork.load(files, threshold, threads=args.threads)
+            macs = kernel_macs(files["full"])  # the full graph's, with or without the exit
             for adaptive in ([False, True] if onnx.path is not None else [False]):
                 key = f"{name}, exit at {threshold:.2f}" if adaptive else name
                 acc = accuracy(onnx_predictions(onnx, x_u8, data.mean, data.std, adaptive=adaptive), y)
-                macs = kernel_macs(files["full"])
                 rows.append((key, acc, integer_share(macs), macs))
                 runners[key] = (lambda o, a: lambda b: o.logits(b, a))(onnx, adaptive)
             if args.profile and "this project" in name:
