@@ -70,6 +70,10 @@ def workspace(work: Path, params: dict) -> None:
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=work, check=True)
+    # No detached update-check process writing into .dvc/tmp after `dvc repro` has returned
+    # (it raced the caller's clean-up of the work folder), no analytics.
+    (work / ".dvc" / "config").write_text("[core]\n    no_scm = True\n    check_update = false\n"
+                                          "    analytics = false\n")
 
 
 def stage_lines(work: Path) -> list[dict]:
