@@ -81,6 +81,8 @@ def test_with_output_quantizers_every_layer_runs_in_a_qlinear_kernel(tmp_path, b
     assert all(0 <= q.zero_point.item() <= 255 for q in shared)
     assert not [n for n, _ in model.named_parameters() if "act_scale" in n]  # fixed after calibration
     assert ops["QLinearMul"] >= len(shared) + 1 and ops.get("Mul", 0) <= 2, ops
+    # the SE blocks' pooling and the head's run on the quantized tensor
+    assert ops["QLinearGlobalAveragePool"] == se_blocks + 1 and "ReduceMean" not in ops, ops
     x = torch.randn(64, *SHAPE)
     out = OnnxNetwork.load(files).logits(x.numpy(), False)[0]
     with torch.no_grad():

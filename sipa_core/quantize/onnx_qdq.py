@@ -17,8 +17,19 @@ onnxruntime's QDQ selectors (onnxruntime ``qdq_selectors.cc``, ``ConvNodeGroupSe
   less 128, rounding and saturation included, so every activation Q/DQ pair (and the Clip that
   keeps a sub-8-bit value in range) moves to uint8. Weights stay int8, symmetric (u8 x s8).
 
-What stays float: the activation functions, the SE gate's product and pooling, the residual
-additions, run between a layer's DequantizeLinear and the next layer's QuantizeLinear.
+Two more moves, exact as well, let the pooling and the padding run on the quantized tensor:
+
+* a mean over the spatial axes (``ReduceMean`` over axes 2 and 3, as PyTorch exports
+  ``x.mean((2, 3))``) becomes ``GlobalAveragePool``, which onnxruntime fuses with the DQ before
+  it and the Q after it into ``QLinearGlobalAveragePool``; where the mean dropped the axes, a
+  ``Flatten`` follows the QuantizeLinear that reads the pool;
+* a zero ``Pad`` read by one QuantizeLinear (the "same" padding of a stride-2 layer) moves after
+  it and pads the uint8 tensor with the zero point: Q(pad(x, 0)) = pad(Q(x), z), rounding
+  included, so the swish product before it fuses into ``QLinearMul``.
+
+What onnxruntime still runs in float: a DQ -> Q pair where one layer's output quantizer feeds the
+next layer's input quantizer (a requantization), and in ReLU networks the ReLU, between a
+layer's DequantizeLinear and the next QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -101,10 +112,76 @@ def _integer_bias(ix: GraphIndex, node) -> list:
     return [helper.make_node("DequantizeLinear", args, [p], axis=0)]
 
 
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _spatial_means(model: onnx.ModelProto) -> list:
+    """ReduceMean nodes that average a 4-D tensor over its axes 2 and 3."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.value_info, *inferred.input]}
+    return [node for node in model.graph.node
+            if node.op_type == "ReduceMean" and len(node.input) == 1 and rank.get(node.input[0]) == 4
+            and sorted(_attrs(node).get("axes", [])) == [2, 3]]
+
+
+def _global_pools(model: onnx.ModelProto, readers: dict) -> int:
+    """Each spatial mean as GlobalAveragePool, in place (see the module's doc); the count."""
+    means = _spatial_means(model)
+    for mean in means:
+        keepdims = _attrs(mean).get("keepdims", 1)
+        mean.op_type = "GlobalAveragePool"
+        del mean.attribute[:]
+        if keepdims:
+            continue
+        out = mean.output[0]
+        only = readers[out][0] if len(readers[out]) == 1 else None
+        last = only if only is not None and only.op_type == "QuantizeLinear" else mean
+        flat = last.output[0]
+        last.output[0] = flat + "_pooled"
+        model.graph.node.append(helper.make_node("Flatten", [last.output[0]], [flat], axis=1))
+    return len(means)
+
+
+def _pads_after_quantizers(ix: GraphIndex, readers: dict) -> int:
+    """Each zero Pad read by one activation QuantizeLinear moved after it (module's doc); the count."""
+    moved = 0
+    for pad in [n for n in ix.g.node if n.op_type == "Pad" and _attrs(n).get("mode", b"constant") == b"constant"]:
+        value = ix.const(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+        q = readers[pad.output[0]][0] if len(readers[pad.output[0]]) == 1 else None
+        if (value is None or np.any(value != 0) or len(pad.input) > 3 or q is None or q.op_type != "QuantizeLinear"
+                or len(q.input) < 3 or ix.const(q.input[2]) is None or ix.const(q.input[2]).size != 1):
+            continue
+        padded = q.output[0]
+        q.input[0], q.output[0] = pad.input[0], padded + "_unpadded"
+        fill = ix.add_init(padded + "_fill", ix.const(q.input[2]).reshape(()))
+        pad.input[0], pad.output[0] = q.output[0], padded
+        del pad.input[2:]
+        pad.input.append(fill)
+        moved += 1
+    return moved
+
+
+def _topological(graph: onnx.GraphProto) -> None:
+    """The graph's nodes reordered so each follows the producers of its inputs (original order kept
+    where it already does)."""
+    ready = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        index = next(k for k, n in enumerate(pending) if all(i in ready for i in n.input))
+        node = pending.pop(index)
+        ordered.append(node)
+        ready.update(node.output)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def rewrite_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     """The QDQ graph onnxruntime fuses (see the module's doc); returns (model, counts of what moved)."""
     ix, readers = GraphIndex(model.graph), _consumers(model.graph)
-    counts = {"activations to uint8": _to_uint8_activations(ix, readers)}
+    counts = {"activations to uint8": _to_uint8_activations(ix, readers),
+              "spatial means to GlobalAveragePool": _global_pools(model, readers),
+              "pads after their quantizer": _pads_after_quantizers(ix, readers)}
     new_nodes, layers = [], set(id(n) for n in _integer_layers(ix))
     for node in list(model.graph.node):
         if id(node) in layers:
@@ -113,6 +190,7 @@ def rewrite_qdq(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         new_nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
+    _topological(model.graph)
     prune_unused(model.graph)
     onnx.checker.check_model(model)
     return model, counts
