@@ -256,6 +256,21 @@ def test_stage_passes_the_input_through_when_no_round_qualifies(tmp_path):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_filter_pruning_rounds_channel_counts_to_a_multiple(scope):
+    def counts(model):
+        return [c.out_channels for c in model.modules() if isinstance(c, nn.Conv2d)]
+
+    torch.manual_seed(0)
+    m = tiny_model().eval()
+    for p in m.parameters():
+        p.data.normal_()
+    before = counts(m)
+    assert remove_filters(m, 0.3, torch.zeros(1, 3, 16, 16), scope=scope, round_to=4) > 0
+    changed = [(a, b) for a, b in zip(before, counts(m)) if a != b]
+    assert changed and all(b % 4 == 0 for _, b in changed), list(zip(before, counts(m)))
+
+
 def test_stage_filter_granularity_shrinks_the_network(tmp_path):
     params = _stage_params(tmp_path, granularity="filter", schedule=[0.2, 0.4], epochs=1)
     m = prune(read_config(params), params_file=str(params), progress=False)
@@ -281,6 +296,8 @@ def test_stage_filter_granularity_shrinks_the_network(tmp_path):
     ({"sparsity": 0.5}, "prune.sparsity"),
     ({"method": "gradual", "granularity": "filter"}, "prune.method: gradual prunes weights"),
     ({"method": "slow"}, "prune.method"),
+    ({"round_to": 8}, "prune.round_to: rounds channel counts, which only filter pruning changes"),
+    ({"round_to": 0, "granularity": "filter"}, "prune.round_to"),
 ])
 def test_bad_params_exit_2_naming_the_key(tmp_path, change, message, run_script):
     cfg = {"schedule": [0.5], **change}

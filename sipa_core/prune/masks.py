@@ -179,14 +179,16 @@ def _zero_dep(module: nn.Module, handler: str, idxs: list[int]) -> None:
 
 
 def remove_filters(model: nn.Module, ratio: float, example: torch.Tensor, *, scope: str = "global",
-                   normalize: str = "l2", mirror: nn.Module | None = None) -> int:
+                   normalize: str = "l2", mirror: nn.Module | None = None, round_to: int | None = None) -> int:
     """Remove a fraction ``ratio`` of the current output channels (by L2 norm), in place.
 
     Channels are removed in dependency groups, so every layer that reads a
     removed channel loses its input slice too. The classifier's outputs (the
     classes) are never removed. ``mirror``, a same-shaped copy, gets the same
     channels zeroed instead of removed (weights and BatchNorm affine): the
-    masked network whose outputs the smaller one must equal. Returns the
+    masked network whose outputs the smaller one must equal. ``round_to``:
+    each layer keeps a multiple of that many channels (torch-pruning's
+    rounding; integer kernels run channel blocks of 8 or 16). Returns the
     number of channels removed.
     """
     if not 0 <= ratio < 1:
@@ -206,7 +208,8 @@ def remove_filters(model: nn.Module, ratio: float, example: torch.Tensor, *, sco
     was_training = model.training
     model.eval()
     pruner = tp.pruner.MetaPruner(model, example, importance=importance, global_pruning=scope == "global",
-                                  pruning_ratio=ratio, max_pruning_ratio=0.9, ignored_layers=classifier)
+                                  pruning_ratio=ratio, max_pruning_ratio=0.9, ignored_layers=classifier,
+                                  round_to=round_to)
     names = {id(m): n for n, m in model.named_modules()}
     mirror_modules = dict(mirror.named_modules()) if mirror is not None else {}
     for group in pruner.step(interactive=True):

@@ -112,6 +112,8 @@ def prepare_run(cfg: dict, params_file: str, progress):
     key_blob = {k: cfg[k] for k in ("granularity", "scope", "normalize", "schedule", "retrain", "seed", "method")}
     if cfg["target"] != "sparsity":
         key_blob["target"] = cfg["target"]
+    if cfg["round_to"] is not None:
+        key_blob["round_to"] = cfg["round_to"]
     if cfg["method"] == "gradual":
         key_blob.update(every=cfg["gradual_every"], finetune=cfg["gradual_finetune_epochs"])
     key = run_key({**key_blob, "recipe": recipe, "input": file_digest(source), "data": data.source,
@@ -137,7 +139,7 @@ def _prune_step(run: PruneRun, model, masks: dict, k: int, target: float):
     prev = cfg["schedule"][k - 2] if k > 1 else 0.0
     h = run.data.image_size[0]
     remove_filters(model, 1 - (1 - target) / (1 - prev), torch.zeros(1, 3, h, h), scope=cfg["scope"],
-                   normalize=cfg["normalize"])
+                   normalize=cfg["normalize"], round_to=cfg["round_to"])
     refresh_spec(model)
     return masks
 

@@ -43,6 +43,9 @@ def _schedule(value) -> str | None:
 PRUNE_SCHEMA = {
     "granularity": Field(str, "weight", choices=GRANULARITIES,
                          help="weight: unstructured masks; filter: remove whole output channels"),
+    "round_to": Field(int, None, nullable=True, min=1,
+                      help="filter granularity: every layer keeps a multiple of this many channels (8 suits "
+                           "integer kernels); null: any count"),
     "scope": Field(str, "global", choices=SCOPES, help="global: one threshold; layerwise: same sparsity everywhere"),
     "normalize": Field(str, "l2", choices=NORMALIZATIONS,
                        help="global scope: divide each layer's |w| by its L2 norm first (the paper's); score: "
@@ -82,6 +85,9 @@ def read_config(params_path: str | Path) -> dict:
         cfg["schedule"] = list(PAPER_SCHEDULE)
     cfg["schedule"] = [float(v) for v in cfg["schedule"]]
     _check_targets(cfg, params_path)
+    if cfg["round_to"] is not None and cfg["granularity"] != "filter":
+        raise SipaError(f"{params_path}: prune.round_to: rounds channel counts, which only filter pruning "
+                        f"changes (granularity: {cfg['granularity']}); set it to null or granularity: filter")
     if cfg["method"] == "gradual" and cfg["granularity"] != "weight":
         raise SipaError(f"{params_path}: prune.method: gradual prunes weights (granularity: weight), "
                         f"not {cfg['granularity']}s")
