@@ -27,7 +27,8 @@ def _tiny_pipeline(path, cifar10_jpeg):
     set_params(path, "improve", **TINY_IMPROVE)
     set_params(path, "prune", **{**TINY_PRUNE, "schedule": [0.3, 0.5]})
     set_params(path, "accelerate", **TINY_ACCELERATE)
-    set_params(path, "quantize", **TINY_QUANTIZE)
+    # one width: the comparison widths run end to end in tests/test_pipeline.py
+    set_params(path, "quantize", **{**TINY_QUANTIZE, "compare_widths": []})
 
 
 def _wait_for_queue(path, env, name, timeout=900) -> str:
