@@ -3,6 +3,7 @@ onnxruntime's own post-training static quantization of it, all in onnxruntime on
 
     python benchmarks/quantized_latency.py            # after `dvc repro quantize`
     python benchmarks/quantized_latency.py --profile  # and where the integer graph's time goes
+    python benchmarks/quantized_latency.py --with-run ../filter-run   # beside another run's graphs
 
 Reads the pipeline's outputs: ``models/accelerate.pt`` (the float network the
 quantizing stage started from, with its exit where one was kept),
@@ -66,21 +67,30 @@ def static_quantization(float_full: Path, out: Path, images: np.ndarray) -> Path
     return out
 
 
-def graphs(args, data, tmp: Path) -> list[tuple[str, dict, float | None]]:
-    """(name, ONNX files, exit threshold) of the float, the integer and the static-quantized graphs."""
-    main, net = float_network(PATHS["accelerate"]["out"])
+def run_graphs(root: Path, data, tmp: Path, prefix: str = "") -> list[tuple[str, dict, float | None]]:
+    """(name, ONNX files, exit threshold) of a run's float network (the accelerating stage's) and
+    its integer graph (the quantizing stage's); ``root`` is the run's folder."""
+    main, net = float_network(root / PATHS["accelerate"]["out"])
     h = data.image_size[0]
-    float_files = export_network(main, net, (3, h, h), tmp / "float", quantized=False)
-    quant = read_checkpoint(PATHS["quantize"]["out"])
+    float_files = export_network(main, net, (3, h, h), tmp / f"{prefix}float", quantized=False)
+    quant = read_checkpoint(root / PATHS["quantize"]["out"])
     exit_record, label = ExitRecord.of(quant), QuantRecord.of(quant).label
-    folder = Path(PATHS["quantize"]["onnx"])
+    folder = root / PATHS["quantize"]["onnx"]
     ours = {n: folder / f"{n}.onnx" for n in ("full", "path", "rest") if (folder / f"{n}.onnx").is_file()}
+    float_threshold = ExitRecord.of(read_checkpoint(root / PATHS["accelerate"]["out"]))
+    return [(f"{prefix}float", float_files, float_threshold.threshold if float_threshold else None),
+            (f"{prefix}integer {label} (this project)", ours, exit_record.threshold if exit_record else None)]
+
+
+def graphs(args, data, tmp: Path) -> list[tuple[str, dict, float | None]]:
+    """This run's float and integer graphs, onnxruntime's static quantization of the float one,
+    and the float and integer graphs of each run named by ``--with-run``."""
+    ours = run_graphs(Path("."), data, tmp)
     val = normalized(data.val_x[:args.calibration], data.mean, data.std).numpy()
-    static = {"full": static_quantization(float_files["full"], tmp / "static.onnx", val)}
-    float_threshold = ExitRecord.of(read_checkpoint(PATHS["accelerate"]["out"]))
-    return [("float", float_files, float_threshold.threshold if float_threshold else None),
-            (f"integer {label} (this project)", ours, exit_record.threshold if exit_record else None),
-            ("onnxruntime quantize_static W8A8", static, None)]
+    static = {"full": static_quantization(ours[0][1]["full"], tmp / "static.onnx", val)}
+    others = [g for k, root in enumerate(args.with_run)
+              for g in run_graphs(Path(root), data, tmp / str(k), f"{Path(root).resolve().name}: ")]
+    return [*ours, ("onnxruntime quantize_static W8A8", static, None), *others]
 
 
 def main():
@@ -91,6 +101,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calibration", type=int, default=500, help="validation images calibrating quantize_static")
     p.add_argument("--profile", action="store_true", help="time by node type of the integer graph at batch 1")
+    p.add_argument("--with-run", action="append", default=[], metavar="DIR",
+                   help="another run's folder on the same data (e.g. filter pruning): its float and integer "
+                        "graphs measured in the same interleaved rounds")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_prepared(PATHS["prepare"]["out"])
@@ -106,7 +119,7 @@ def main():
                 acc = accuracy(onnx_predictions(onnx, x_u8, data.mean, data.std, adaptive=adaptive), y)
                 rows.append((key, acc, integer_share(macs), macs))
                 runners[key] = (lambda o, a: lambda b: o.logits(b, a))(onnx, adaptive)
-            if args.profile and "this project" in name:
+            if args.profile and name.startswith("integer"):
                 profile = time_by_op(files["full"], x[:1], threads=args.threads)
         speeds = measure(runners, x, threads=args.threads, singles=args.singles, batch=args.batch,
                          rounds=args.rounds)
