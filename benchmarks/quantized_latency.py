@@ -32,22 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipa_core.accelerate.record import ExitRecord, load_early_exit  # noqa: E402
-from sipa_core.checkpoint import load_model, read_checkpoint  # noqa: E402
+from sipa_core.checkpoint import read_checkpoint  # noqa: E402
 from sipa_core.data.prepared import load_prepared  # noqa: E402
 from sipa_core.latency import integer_share, kernel_macs, measure, time_by_op  # noqa: E402
 from sipa_core.paths import PATHS  # noqa: E402
-from sipa_core.quantize.export import OnnxNetwork, export_network, onnx_predictions  # noqa: E402
+from sipa_core.quantize.export import OnnxNetwork, onnx_predictions  # noqa: E402
 from sipa_core.quantize.record import QuantRecord  # noqa: E402
+from sipa_core.stage_latency import float_graph, quantized_graph  # noqa: E402
 from sipa_core.train.evaluation import accuracy, normalized  # noqa: E402
-
-
-def float_network(path):
-    """(main network, exit network or None) of a float checkpoint."""
-    if ExitRecord.of(read_checkpoint(path)) is None:
-        return load_model(path)[0].eval(), None
-    net, _ = load_early_exit(path)
-    return net.main, net
 
 
 def static_quantization(float_full: Path, out: Path, images: np.ndarray) -> Path:
@@ -67,29 +59,25 @@ def static_quantization(float_full: Path, out: Path, images: np.ndarray) -> Path
     return out
 
 
-def run_graphs(root: Path, data, tmp: Path, prefix: str = "") -> list[tuple[str, dict, float | None]]:
-    """(name, ONNX files, exit threshold) of a run's float network (the accelerating stage's) and
-    its integer graph (the quantizing stage's); ``root`` is the run's folder."""
-    main, net = float_network(root / PATHS["accelerate"]["out"])
-    h = data.image_size[0]
-    float_files = export_network(main, net, (3, h, h), tmp / f"{prefix}float", quantized=False)
-    quant = read_checkpoint(root / PATHS["quantize"]["out"])
-    exit_record, label = ExitRecord.of(quant), QuantRecord.of(quant).label
-    folder = root / PATHS["quantize"]["onnx"]
-    ours = {n: folder / f"{n}.onnx" for n in ("full", "path", "rest") if (folder / f"{n}.onnx").is_file()}
-    float_threshold = ExitRecord.of(read_checkpoint(root / PATHS["accelerate"]["out"]))
-    return [(f"{prefix}float", float_files, float_threshold.threshold if float_threshold else None),
-            (f"{prefix}integer {label} (this project)", ours, exit_record.threshold if exit_record else None)]
+def run_graphs(root: Path, data, folder: Path, prefix: str = "") -> list[tuple[str, dict, float | None]]:
+    """(name, ONNX files, exit threshold) of a run's float network (the accelerating stage's,
+    exported into ``folder``) and its integer graph (the quantizing stage's); ``root`` is the
+    run's folder. The report stage's own exports (``sipa_core.stage_latency``)."""
+    fp = float_graph(root / PATHS["accelerate"]["out"], data.image_size[0], folder)
+    q = quantized_graph(root / PATHS["quantize"]["out"], root / PATHS["quantize"]["onnx"])
+    label = QuantRecord.of(read_checkpoint(root / PATHS["quantize"]["out"])).label
+    return [(f"{prefix}float", fp.files, fp.threshold),
+            (f"{prefix}integer {label} (this project)", q.files, q.threshold)]
 
 
 def graphs(args, data, tmp: Path) -> list[tuple[str, dict, float | None]]:
     """This run's float and integer graphs, onnxruntime's static quantization of the float one,
     and the float and integer graphs of each run named by ``--with-run``."""
-    ours = run_graphs(Path("."), data, tmp)
+    ours = run_graphs(Path("."), data, tmp / "float")
     val = normalized(data.val_x[:args.calibration], data.mean, data.std).numpy()
     static = {"full": static_quantization(ours[0][1]["full"], tmp / "static.onnx", val)}
     others = [g for k, root in enumerate(args.with_run)
-              for g in run_graphs(Path(root), data, tmp / str(k), f"{Path(root).resolve().name}: ")]
+              for g in run_graphs(Path(root), data, tmp / f"float{k}", f"{Path(root).resolve().name}: ")]
     return [*ours, ("onnxruntime quantize_static W8A8", static, None), *others]
 
 
