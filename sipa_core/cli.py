@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sipa", description="SIPA: efficient networks under a MicroNet budget.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("score", help="count a model's parameters and math ops by the MicroNet rules")
-    s.add_argument("--arch", help="registered architecture name (see `sipa archs`) or an architecture .yaml")
+    s.add_argument("--arch", help="registered architecture name (see `sipa archs`), an architecture .yaml, "
+                                  "torchvision:<name>, timm:<name> or file.py:function (docs/networks.md)")
     s.add_argument("--checkpoint", help="sipa checkpoint (holds its architecture) or a state_dict with --arch")
     s.add_argument("--bits", type=int, default=16, help="bits per value: 16 = the freebie (default), 32, or fewer")
     s.add_argument("--weight-bits", type=int, default=None, metavar="W", help="weight width (default: --bits)")

@@ -16,6 +16,7 @@ from sipa_core.checkpoint import build_model, create_spec_from, read_checkpoint
 from sipa_core.config_reference import check_file, configuration_reference
 from sipa_core.errors import SipaError
 from sipa_core.models import ARCHITECTURES, create_model, create_spec
+from sipa_core.entry_points import entry_point_of, trust_entry_point
 from sipa_core.pipeline import check_params, inactive_keys, resolved_trainings
 from sipa_core.plan import format_plan, measure_throughput, plan
 from sipa_core.prune.masks import apply_masks, magnitude_masks, masks_from_zeros
@@ -118,7 +119,11 @@ def cmd_score(args) -> int:
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if args.input_size is not None and args.arch and not args.checkpoint:
         overrides["image_size"] = args.input_size  # the network as built for that data (as a stage builds it)
-    spec = create_spec_from(args.arch, **overrides)[0] if args.arch else None
+    named = entry_point_of(args.arch)
+    if named:
+        trust_entry_point(named)  # named on the command line: the user's own module
+    # With a checkpoint, an entry point only allows the import: the checkpoint's own record builds it.
+    spec = create_spec_from(args.arch, **overrides)[0] if args.arch and not (named and args.checkpoint) else None
     net, ratio = None, None
     if args.checkpoint:
         model, net, ratio = _checkpoint_network(args, spec)
@@ -179,8 +184,6 @@ def _score_with_exit(args, model, net, ratio, size, name) -> int:
     if net is not None and args.exit_after is None:
         ratio = ratio if args.exit_ratio is None else args.exit_ratio
     else:
-        if not hasattr(model, "boundaries"):
-            raise SipaError("sipa score: --exit-after needs an EfficientNet-family network")
         net = EarlyExitNetwork(model, exit_config(model, args.exit_after, args.exit_width))
         ratio = 0.0 if args.exit_ratio is None else args.exit_ratio
     if not 0 <= ratio <= 1:

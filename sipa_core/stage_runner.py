@@ -18,6 +18,7 @@ from typing import Callable
 from sipa_core.distributed import init_from_env, is_main_process
 from sipa_core.errors import exits_cleanly
 from sipa_core.launch import check_world, launch, nodes_from_env, read_distributed, under_launcher
+from sipa_core.entry_points import trust_named_entry_points
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout (the stage scripts put it first on sys.path)
 
@@ -43,6 +44,7 @@ def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
         parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         args = parser.parse_args(argv)
         cfg = stage.read_config(args.params)  # checked before joining a process group: bad input fails fast
+        trust_named_entry_points(args.params)  # the user's network module, where the params name one
         if stage.trains and _launched(stage, args.params):
             return
         init_from_env()  # under torchrun: data-parallel training, rank 0 writes

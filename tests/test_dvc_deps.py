@@ -18,7 +18,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "sipa_core"
-DATA_FILES = {"sipa_core/paths.py": ["sipa_core/paths.yaml"]}  # files a module reads when imported
+# Files a module reads when imported, or (networks/) the user's network modules it imports when the params name one.
+DATA_FILES = {"sipa_core/paths.py": ["sipa_core/paths.yaml"], "sipa_core/models/sources.py": ["networks"]}
+USER_CODE = {"networks"}
 
 
 def _module_file(module: str) -> Path | None:
@@ -76,6 +78,8 @@ def covered(deps: list[str]) -> set[str]:
     """Package files that a deps list covers (a folder covers every file under it)."""
     out = set()
     for dep in deps:
+        if dep in USER_CODE:
+            out.add(dep)
         if not dep.startswith(PACKAGE):
             continue
         out |= _package_files(dep) if (ROOT / dep).is_dir() else {dep}

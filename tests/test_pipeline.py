@@ -43,7 +43,7 @@ def make_project(tmp_path):
     """A copy of the pipeline (code, dvc.yaml, params.yaml) in a fresh git + DVC repo."""
     dst = tmp_path / "proj"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("sipa_core", "stages", "datasets"):
+    for name in ("sipa_core", "stages", "datasets", "networks"):
         shutil.copytree(ROOT / name, dst / name, ignore=ignore)
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, dst / name)

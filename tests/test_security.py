@@ -1,9 +1,12 @@
-"""Params never reach eval, a shell, or an import by name: a scan of the library's source."""
+"""Params never reach eval or a shell, and nothing is imported by name except the user's network
+module that the params (or the command line) name, in one place: a scan of the library's source.
+That a checkpoint never causes that import by itself is tested in test_network_sources.py."""
 
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+IMPORTS_BY_NAME = ROOT / "sipa_core" / "models" / "sources.py"  # the user's module, once the params name it
 FORBIDDEN = {
     r"(?<![.\w])eval\(": "eval",
     r"(?<![.\w])exec\(": "exec",
@@ -25,6 +28,8 @@ def test_library_has_no_dynamic_code_paths():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             for pattern, what in FORBIDDEN.items():
+                if what == "an import by name" and path == IMPORTS_BY_NAME:
+                    continue
                 if re.search(pattern, code):
                     found.append(f"{path.relative_to(ROOT)}:{number}: {what}: {line.strip()}")
     assert not found, "\n".join(found)

@@ -23,6 +23,7 @@ from sipa_core.improve.techniques import (OPTIONS_SCHEMA, PAPER_ADOPTED, PAPER_B
                                           apply_techniques)
 from sipa_core.io import atomic_write_csv, atomic_write_text, publish_metrics, publishing
 from sipa_core.lineage import lineage_record
+from sipa_core.entry_points import named_entry_point
 from sipa_core.paths import PATHS, path_fields, read_params
 from sipa_core.params import Field, check_section, refuse_keys
 from sipa_core.stage_common import create_seeded_model, load_data, resolve_arch, stage_metrics
@@ -68,6 +69,7 @@ def read_config(params_path: str | Path) -> dict:
     cfg["options"] = check_section(cfg["options"], OPTIONS_SCHEMA, file=params_path, section="improve.options")
     if cfg["preset"] == "paper" and not cfg["adopt"]:
         cfg["adopt"] = list(PAPER_ADOPTED)
+    named_entry_point(cfg["arch"], f"{params_path}: improve.arch")  # a network file outside networks/ fails
     return cfg
 
 

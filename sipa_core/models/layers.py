@@ -31,6 +31,20 @@ def make_activation(name: str) -> nn.Module:
         raise SipaError(f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
 
 
+_ACTIVATION_TYPES = tuple(set(ACTIVATIONS.values()))
+
+
+def swap_activations(model: nn.Module, name: str) -> int:
+    """Replace every activation module by ``name``'s (they hold no weights)."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, _ACTIVATION_TYPES):
+                setattr(parent, child_name, make_activation(name))
+                replaced += 1
+    return replaced
+
+
 def same_padding(kernel: int, stride: int, nominal: int) -> tuple[int, int]:
     """TensorFlow "same" padding (before, after) for a nominal input size.
 

@@ -8,11 +8,14 @@ describes a network; ``create_model`` turns any spec into a module, and
 from __future__ import annotations
 
 import difflib
+from functools import partial
 
 from torch import nn
 
 from sipa_core.errors import SipaError
 from sipa_core.models.efficientnet import EfficientNet, efficientnet_spec
+from sipa_core.entry_points import is_source
+from sipa_core.models.sources import SOURCE_FAMILIES, build_source, source_family_spec, source_spec
 from sipa_core.models.wrn import WideResNet, wrn_spec
 
 # The searched SIPA baseline, unscaled block arguments (the authors' public code, Lee-Gihun/MicroNet_OSI-AI);
@@ -28,7 +31,9 @@ SIPA_BASELINE_BLOCKS = [
     "r1_k3_s1_e6_i88_o104_se0.2",
 ]
 
-_FAMILIES = {"efficientnet": (EfficientNet, efficientnet_spec), "wrn": (WideResNet, wrn_spec)}
+_FAMILIES = {"efficientnet": (EfficientNet, efficientnet_spec), "wrn": (WideResNet, wrn_spec),
+             # networks from elsewhere (sipa_core/models/sources.py)
+             **{f: (build_source, partial(source_family_spec, f)) for f in SOURCE_FAMILIES}}
 
 ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "sipa_baseline": ("efficientnet", dict(blocks=SIPA_BASELINE_BLOCKS, width=0.9, depth=1.0, resolution=1.96,
@@ -44,11 +49,15 @@ def list_architectures() -> list[str]:
 
 
 def create_spec(name: str, **overrides) -> dict:
-    """The spec of a registered architecture, with keyword overrides applied."""
+    """The spec of a registered architecture or of a source string (``torchvision:<name>``,
+    ``timm:<name>``, ``file.py:function``), with keyword overrides applied."""
+    if is_source(name):
+        return source_spec(name, **overrides)
     if name not in ARCHITECTURES:
         near = difflib.get_close_matches(name, ARCHITECTURES, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise SipaError(f"unknown architecture {name!r}{hint}; known: {', '.join(list_architectures())}")
+        raise SipaError(f"unknown architecture {name!r}{hint}; known: {', '.join(list_architectures())}, "
+                        f"or torchvision:<name>, timm:<name>, file.py:function")
     family, defaults = ARCHITECTURES[name]
     return create_family_spec(family, name=name, **{**defaults, **overrides})
 

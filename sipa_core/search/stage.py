@@ -28,6 +28,7 @@ from sipa_core.launch import read_distributed
 from sipa_core.io import atomic_write_text, publish_metrics, publishing
 from sipa_core.lineage import lineage_record
 from sipa_core.models import create_spec, decode_blocks
+from sipa_core.entry_points import named_entry_point
 from sipa_core.models.registry import SIPA_BASELINE_BLOCKS
 from sipa_core.paths import path_fields, read_params
 from sipa_core.params import Field, check_section
@@ -42,7 +43,8 @@ from sipa_core.train.recipe import check_recipe, refuse_distillation
 
 SEARCH_SCHEMA = {
     "method": Field(str, "hyperopt", choices=("preset", "hyperopt", "random")),
-    "preset": Field(str, "sipa_baseline", help="the registered architecture `method: preset` takes"),
+    "preset": Field(str, "sipa_baseline", help="the network `method: preset` trains: a registered name, "
+                    "torchvision:<name>, timm:<name> or networks/<file>.py:<function> (docs/networks.md)"),
     "template": Field(list, list(SIPA_BASELINE_BLOCKS), help="block strings the search varies"),
     "head": Field(int, 150, min=1),
     "base_scaling": Field(dict, {"width": 1.0, "depth": 1.0, "resolution": 1.0},
@@ -88,6 +90,7 @@ def read_config(params_path) -> dict:
     if cfg["method"] == "preset":
         try:
             create_spec(cfg["preset"])
+            named_entry_point(cfg["preset"], where + ".preset")
         except SipaError as err:
             raise SipaError(f"{where}.preset: {err}") from None
     if cfg["target"] is None:

@@ -9,9 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sipa_core.errors import SipaError
-from sipa_core.models.layers import ACTIVATIONS, make_activation
-
-_ACTIVATION_TYPES = tuple(set(ACTIVATIONS.values()))
+from sipa_core.models.layers import swap_activations
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -47,17 +45,6 @@ def apply_ghost_bn(model: nn.Module, virtual_batch: int) -> int:
                 ghost.load_state_dict(child.state_dict())
                 ghost.to(next(child.buffers()).device)
                 setattr(parent, name, ghost)
-                replaced += 1
-    return replaced
-
-
-def swap_activations(model: nn.Module, name: str) -> int:
-    """Replace every activation module by ``name``'s (they hold no weights)."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, _ACTIVATION_TYPES):
-                setattr(parent, child_name, make_activation(name))
                 replaced += 1
     return replaced
 
