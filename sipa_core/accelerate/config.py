@@ -15,8 +15,9 @@ from sipa_core.train.recipe import check_recipe, refuse_distillation
 def _positions(value) -> str | None:
     if not value:
         return "must list at least one block index"
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
-        return "must be a list of block indices (integers >= 0)"
+    if not all((isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (isinstance(v, str) and v)
+               for v in value):
+        return "must be a list of block indices (integers >= 0) or module names"
     if len(set(value)) != len(value):
         return "lists a position twice"
     return None
@@ -41,7 +42,9 @@ def _exit_schedule(value) -> str | None:
 
 
 ACCELERATE_SCHEMA = {
-    "positions": Field(list, [2, 4], check=_positions, help="candidate blocks to attach the exit after"),
+    "positions": Field(list, [2, 4], check=_positions,
+                       help="candidate blocks to attach the exit after: indices into the network's blocks or "
+                            "module names (docs/networks.md)"),
     "width": Field(int, None, nullable=True, min=1, help="exit's 1x1 expansion width (null: the head width)"),
     "kernel": Field(int, 3, min=1, help="exit's depthwise kernel"),
     "loss": Field(str, "softsmoothing", choices=LOSSES),

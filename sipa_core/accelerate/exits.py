@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sipa_core.errors import SipaError
+from sipa_core.models import split
 from sipa_core.models.layers import make_activation
 from sipa_core.scoring import REFERENCE_BYTES, REFERENCE_OPS, BitWidths, count, expected_ops
 from sipa_core.scoring.counter import tree_keys
@@ -58,12 +59,12 @@ class ExitConfig:
 def exit_config(main: nn.Module, position: int, width: int | None = None, kernel: int = 3,
                 activation: str | None = None) -> ExitConfig:
     """The exit after block ``position`` of ``main``."""
-    infos = main.boundaries()
+    infos = split.boundaries(main)
     if not 0 <= position < len(infos) - 1:
         raise SipaError(f"exit position {position} is not a block before the last one (0..{len(infos) - 2})")
     return ExitConfig(int(position), int(infos[position].out_channels), int(infos[position].out_size),
-                      int(width or main.num_features), int(kernel), activation or main.spec.get("activation", "swish"),
-                      int(main.spec["num_classes"]))
+                      int(width or split.head_width(main)), int(kernel),
+                      activation or main.spec.get("activation") or "swish", int(main.spec["num_classes"]))
 
 
 def create_exit(cfg: ExitConfig) -> ExitModule:
@@ -71,7 +72,7 @@ def create_exit(cfg: ExitConfig) -> ExitModule:
 
 
 class EarlyExitNetwork(nn.Module):
-    """A main network (EfficientNet family) with one exit after block ``position``."""
+    """A main network with one exit after block ``position`` (``models.split``: any network)."""
 
     def __init__(self, main: nn.Module, exit_cfg: ExitConfig, exit_module: nn.Module | None = None):
         super().__init__()
@@ -82,11 +83,11 @@ class EarlyExitNetwork(nn.Module):
 
     def features(self, x):
         """The feature map at the exit point (stem and blocks 0..position)."""
-        return self.main.forward_blocks(self.main.forward_stem(x), 0, self.position + 1)
+        return split.features(self.main, x, self.position)
 
     def rest(self, h):
         """The main network's logits from the exit point on."""
-        return self.main.forward_head(self.main.forward_blocks(h, self.position + 1))
+        return split.rest(self.main, h, self.position)
 
     def both(self, x):
         """(exit logits, main logits) for every sample: the simulated evaluation."""
@@ -183,8 +184,9 @@ def exit_cost(net: EarlyExitNetwork, input_shape, bits: int | BitWidths = 16,
     """Count the main network (with its per-block cumulative costs) and the exit module once;
     the cost at any exit ratio follows without counting again. ``exit_bits``: the exit's
     widths when not ``bits`` (per-layer patterns name main-network layers)."""
-    main = count(net.main, input_shape, bits=bits, uniform_sparsity=main_uniform_sparsity)
-    block = {b.name: b for b in main.blocks}[f"blocks.{net.position}"]
+    ends = [b.name for b in split.boundaries(net.main)]
+    main = count(net.main, input_shape, bits=bits, uniform_sparsity=main_uniform_sparsity, boundaries=ends)
+    block = {b.name: b for b in main.blocks}[ends[net.position]]
     cfg = net.exit_cfg
     ex = count(net.exit, (cfg.channels, cfg.size, cfg.size), bits=bits if exit_bits is None else exit_bits,
                uniform_sparsity=exit_uniform_sparsity)

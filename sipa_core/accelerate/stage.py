@@ -28,6 +28,7 @@ from sipa_core.checkpoint import save_model
 from sipa_core.errors import SipaError
 from sipa_core.io import atomic_write_csv, publish_metrics, publishing
 from sipa_core.lineage import input_lineage, refuse_trained_split
+from sipa_core.models import split
 from sipa_core.resume import file_digest
 from sipa_core.runtime import provenance
 from sipa_core.stage_common import load_data, load_input_model, score_metrics
@@ -40,9 +41,17 @@ def _load_main(cfg: dict, params_file: str):
     where = f"{params_file}: accelerate"
     data = load_data(cfg["data"], f"{where}.data")
     main, ckpt = load_input_model(Path(cfg["model"]), data, f"{where}.model", "pruning")
-    if not hasattr(main, "boundaries"):
-        raise SipaError(f"{where}.model: early exits need an EfficientNet-family network")
-    last = len(main.boundaries()) - 2
+    try:
+        blocks = split.boundaries(main)
+    except SipaError as err:
+        raise SipaError(f"{where}.model: {err}") from None
+    last = len(blocks) - 2
+    names = {b.name: b.index for b in blocks}
+    unknown = [p for p in cfg["positions"] if isinstance(p, str) and names.get(p, last + 1) > last]
+    if unknown:
+        raise SipaError(f"{where}.positions: {unknown[0]!r} is not a block an exit can follow; this network's are "
+                        f"{', '.join(b.name for b in blocks[:-1])}")
+    cfg["positions"] = [names[p] if isinstance(p, str) else p for p in cfg["positions"]]
     bad = [p for p in cfg["positions"] if p > last]
     if bad:
         raise SipaError(f"{where}.positions: block {bad[0]} is past the last place an exit can go "

@@ -24,6 +24,8 @@ import torch_pruning as tp
 from torch import nn
 
 from sipa_core.errors import SipaError
+from sipa_core.models import create_model
+from sipa_core.models.sources import SOURCE_FAMILIES, resized_layers
 
 SCOPES = ("global", "layerwise")
 NORMALIZATIONS = ("none", "l2", "score")
@@ -225,9 +227,14 @@ def remove_filters(model: nn.Module, ratio: float, example: torch.Tensor, *, sco
 
 
 def refresh_spec(model: nn.Module) -> dict:
-    """Record a filter-pruned network's channel counts in its spec (so checkpoints rebuild it)."""
+    """Record a filter-pruned network's channel counts in its spec (so checkpoints rebuild it): an
+    EfficientNet's per block, any other network's as its resized layers (``models.sources``)."""
     if not hasattr(model, "channel_counts"):
-        raise SipaError("filter pruning needs an EfficientNet-family network (its spec records channel counts)")
+        if model.spec.get("family") not in SOURCE_FAMILIES:
+            raise SipaError(f"filter pruning: the {model.spec.get('family')} family records no channel counts")
+        fresh = create_model({k: v for k, v in model.spec.items() if k != "resized"})
+        model.spec = {**model.spec, "resized": resized_layers(model, fresh)}
+        return model.spec
     model.spec = {**model.spec, "channels": model.channel_counts() or None}
     if model.spec["channels"] is None:
         model.spec.pop("channels")

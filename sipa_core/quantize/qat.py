@@ -43,24 +43,54 @@ FLOAT_BITS = 16  # a layer at this width or wider is left in floating point
 MIN_BITS = 2
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """Every conv, linear and BatchNorm is one call, subclasses (SameConv2d) included."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+
+def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, BatchNorm) module names where the BatchNorm reads only that conv's output and nothing
+    else reads it: found by tracing the forward with torch.fx (attributes such as torchvision's
+    ``conv1`` / ``bn1`` too), or, where the forward cannot be traced, by adjacency in a Sequential."""
+    modules = dict(model.named_modules())
+    try:
+        graph = _LayerTracer().trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow: adjacency in Sequentials only
+        return [(f"{p}.{a}".lstrip("."), f"{p}.{b}".lstrip(".")) for p, seq in model.named_modules()
+                if isinstance(seq, nn.Sequential) for a, b in zip(list(seq._modules), list(seq._modules)[1:])
+                if isinstance(seq._modules[a], nn.Conv2d) and isinstance(seq._modules[b], nn.BatchNorm2d)]
+    pairs = []
+    for node in graph.nodes:
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.BatchNorm2d:  # not a BN+act subclass
+            source = node.args[0] if node.args else None
+            if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+                    and isinstance(modules.get(source.target), nn.Conv2d)):
+                pairs.append((source.target, node.target))
+    return pairs
+
+
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every BatchNorm that directly follows a conv in a Sequential into that
-    conv (which gains a bias); the BatchNorm's slot becomes an Identity, so no
-    module name moves. Returns how many were folded."""
-    folded = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                was_training = conv.training
-                fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
-                seq._modules[a], seq._modules[b] = fused.train(was_training), nn.Identity()
-                folded += 1
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    """Fold every BatchNorm that reads a conv's output alone into that conv (which gains a bias);
+    the BatchNorm's slot becomes an Identity, so no module name moves. Returns how many were
+    folded; a BatchNorm left (after an addition, shared by two convs) is an error naming it."""
+    pairs = conv_batchnorm_pairs(model)
+    used = [n for pair in pairs for n in pair]
+    if len(set(used)) != len(used):  # one module called twice: folding it once would be wrong for the other
+        raise SipaError("quantize: a conv or BatchNorm module runs twice in the forward; it cannot be folded")
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        was_training = conv.training
+        fused = fuse_conv_bn_eval(conv.eval(), bn.eval()).train(was_training)
+        for name, module in ((conv_name, fused), (bn_name, nn.Identity())):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+    left = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if left:
-        raise SipaError(f"quantize: BatchNorm {left[0]} does not follow a conv; it cannot be folded")
-    return folded
+        raise SipaError(f"quantize: BatchNorm {left[0][0]} ({left[0][1]}) does not follow a conv alone; it "
+                        f"cannot be folded")
+    return len(pairs)
 
 
 def _quant_classes():

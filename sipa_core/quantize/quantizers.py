@@ -66,7 +66,14 @@ QUANTIZABLE = (nn.Conv2d, SameConv2d, nn.Linear)
 
 def quantization_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The conv and linear layers QAT replaces by quantized twins, by name (exact types: a
-    Brevitas layer, itself a subclass of Conv2d or Linear, is not one)."""
+    Brevitas layer, itself a subclass of Conv2d or Linear, is not one). Another subclass of Conv2d
+    or Linear (its own forward: a twin would drop it) is an error naming it, not a float layer."""
+    odd = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+           and type(m) not in QUANTIZABLE and not hasattr(m, "weight_quant")]
+    if odd:
+        raise SipaError(f"quantize: layer {odd[0][0]} is a {odd[0][1]}, a subclass of Conv2d / Linear with its "
+                        f"own forward that has no quantized twin; build the network with plain nn.Conv2d / "
+                        f"nn.Linear layers")
     return [(n, m) for n, m in model.named_modules() if type(m) in QUANTIZABLE]
 
 
