@@ -1,7 +1,10 @@
-"""A profile's whole pipeline at toy scale, under `dvc repro`, to prove every stage runs on a device.
+"""A profile's whole pipeline at toy scale, under `dvc repro`, to prove every stage runs on a device
+(or on a network: ``--preset``).
 
     python benchmarks/toy_pipeline.py --profile profiles/paper.yaml --workdir /tmp/toy   # on a GPU
     python benchmarks/toy_pipeline.py --profile profiles/paper.yaml --workdir /tmp/toy --dry
+    python benchmarks/toy_pipeline.py --profile params.yaml --workdir /tmp/toy --dry \
+        --preset 'torchvision:resnet18(small_input=true)' --positions layer2,layer3
 
 The profile's settings are kept (its architectures, recipes, augmentation policy, ghost
 BatchNorm, pruning rounds, exit, widths) except what sets the scale: the data is the
@@ -65,7 +68,7 @@ def workspace(work: Path, params: dict) -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    for part in ("sipa_core", "stages", "datasets"):
+    for part in ("sipa_core", "stages", "datasets", "networks"):
         shutil.copytree(ROOT / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -95,9 +98,17 @@ def main(argv=None) -> int:
     ap.add_argument("--images-per-class", type=int, default=None, help="default: 48, or 6 with --dry")
     ap.add_argument("--processes", type=int, default=1, help="distributed.processes (one per device)")
     ap.add_argument("--dry", action="store_true", help="the CPU at tiny sizes (a test of this script)")
+    ap.add_argument("--preset", default=None, help="train this network instead of searching (search.method: "
+                    "preset): a registered name, torchvision:<name>, networks/<file>.py:<function>")
+    ap.add_argument("--positions", default=None, help="accelerate.positions, comma-separated (indices or names)")
     args = ap.parse_args(argv)
     images = args.images_per_class or (6 if args.dry else 48)
     params = toy_params(yaml.safe_load(Path(args.profile).read_text()), images, args.dry, args.processes)
+    if args.preset:
+        params["search"].update(method="preset", preset=args.preset)
+    if args.positions:
+        params["accelerate"]["positions"] = [int(p) if p.strip().isdigit() else p.strip()
+                                             for p in args.positions.split(",")]
     work = Path(args.workdir).resolve()
     workspace(work, params)
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
