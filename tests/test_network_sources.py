@@ -121,6 +121,7 @@ def test_unknown_names_are_one_clear_error():
         create_model(create_spec(f"{USER}:build_not_a_module"))
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_checkpoint_never_imports_an_entry_point_by_itself(tmp_path):
     model = create_model(create_spec(f"{USER}:build", num_classes=10))
     save_model(tmp_path / "m.pt", model)
@@ -131,10 +132,14 @@ def test_a_checkpoint_never_imports_an_entry_point_by_itself(tmp_path):
     assert run.returncode == 2 and "params do not name" in run.stdout and USER in run.stdout
 
 
-def test_sipa_score_names_the_operator_it_cannot_count():
+def test_the_counter_names_the_operator_it_cannot_count():
     trust_entry_point(f"{USER}:build_uncountable")
     with pytest.raises(UncountedOperator, match="cumsum"):
         count(create_model(create_spec(f"{USER}:build_uncountable", num_classes=10)), (3, 32, 32))
+
+
+@pytest.mark.slow  # a subprocess
+def test_sipa_score_names_the_operator_it_cannot_count():
     run = subprocess.run([sys.executable, "-m", "sipa_core.cli", "score", "--arch", f"{USER}:build_uncountable",
                           "--num-classes", "10"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "cumsum" in run.stderr and len(run.stderr.strip().splitlines()) == 1
@@ -155,7 +160,7 @@ def test_any_network_splits_for_an_exit_where_its_stages_end(source):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = model(x)
-        for position in range(len(blocks) - 1):
+        for position in sorted({0, len(blocks) // 2, len(blocks) - 2}):  # the first, a middle and the last
             h = split.features(model, x, position)
             assert h.shape[1:] == (blocks[position].out_channels, blocks[position].out_size,
                                    blocks[position].out_size)
@@ -217,6 +222,7 @@ def test_without_timm_a_timm_source_is_one_line(monkeypatch):
         create_spec("timm:resnet18")
 
 
+@pytest.mark.slow  # a subprocess
 def test_sipa_score_counts_a_user_checkpoint_once_the_entry_point_is_named(tmp_path):
     model = create_model(create_spec(f"{EXAMPLE}(width=8)", num_classes=10))
     save_model(tmp_path / "m.pt", model)
