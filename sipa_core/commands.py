@@ -226,6 +226,8 @@ def cmd_archs(args) -> int:
         spec = create_spec(name)
         extra = ", ".join(f"{k}={spec[k]}" for k in ("width", "depth", "resolution", "widen") if k in spec)
         print(f"{name:<18} {spec['family']:<13} {extra}")
+    print("also: torchvision:<name> (torchvision.models.list_models()), timm:<name> (timm installed), "
+          "networks/<file>.py:<function> (docs/networks.md)")
     return 0
 
 
