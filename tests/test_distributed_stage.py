@@ -27,7 +27,7 @@ def workspace(work: Path, processes: int, ghost_batch: int = 0) -> Path:
     """The pipeline's code and dvc.yaml, the improving stage's inputs (8 classes: not every run
     reaches 100%), and a params file training on ``processes`` processes."""
     work.mkdir(parents=True)
-    for part in ("sipa_core", "stages"):
+    for part in ("sipa_core", "stages", "networks"):  # networks/: a dependency of every network-building stage
         shutil.copytree(ROOT / part, work / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     (work / "data/prepared").mkdir(parents=True)
