@@ -17,7 +17,7 @@ from pathlib import Path
 from sipa_core.errors import SipaError
 from sipa_core.params import load_yaml
 
-SOURCE_PREFIXES = {"torchvision": "torchvision", "timm": "timm"}  # prefix -> family; anything else: "module"
+SOURCE_PREFIXES = ("torchvision", "timm")  # a prefix names its family; anything else is an entry point
 SOURCE_PATTERN = re.compile(r"^(?P<target>[^()]+?)\s*(?:\((?P<args>.*)\))?\s*$")  # target(key=value, ...)
 NETWORK_KEYS = (("search", "preset"), ("improve", "arch"))  # where the params name a network
 NETWORKS_DIR = Path("networks")  # the user's network files: a DVC dependency of every stage that builds one
@@ -40,9 +40,10 @@ def trust_entry_point(entry_point: str) -> None:
 
 def entry_point_of(value) -> str | None:
     """The entry point (``file.py:function``, ``package.module:function``) a value names, or None."""
-    if not is_source(value) or not SOURCE_PATTERN.match(value):
+    match = SOURCE_PATTERN.match(value) if is_source(value) else None
+    if match is None:
         return None
-    target = SOURCE_PATTERN.match(value)["target"].strip()
+    target = match["target"].strip()
     return None if target.rpartition(":")[0] in SOURCE_PREFIXES else target
 
 
@@ -69,5 +70,3 @@ def trust_named_entry_points(params_file) -> None:
         entry_point = named_entry_point(values.get(key), f"{params_file}: {section}.{key}")
         if entry_point:
             trust_entry_point(entry_point)
-
-

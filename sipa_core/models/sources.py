@@ -68,7 +68,7 @@ def source_spec(value: str, *, num_classes: int = 100, image_size: int = 32) -> 
         raise SipaError(f"network source {value!r}: expected prefix:name or file.py:function, with (key=value, ...)")
     target, kwargs = match["target"].strip(), _kwargs(match["args"], value)
     prefix, _, name = target.rpartition(":")
-    family = SOURCE_PREFIXES.get(prefix, "module")
+    family = prefix if prefix in SOURCE_PREFIXES else "module"
     return source_family_spec(family, model=name if family != "module" else None,
                               entry_point=target if family == "module" else None, num_classes=num_classes,
                               image_size=image_size, **kwargs)
@@ -167,7 +167,7 @@ def build_source(spec: dict) -> nn.Module:
     if spec.get("activation"):
         swap_activations(model, spec["activation"])
     if spec.get("resized"):
-        resize_layers(model, spec["resized"])
+        resize_layers(model, spec["resized"], spec["name"])
     model.spec = dict(spec)
     return model
 
@@ -211,15 +211,14 @@ def resized_layers(model: nn.Module, fresh: nn.Module) -> dict:
     return out
 
 
-def resize_layers(model: nn.Module, resized: dict) -> None:
+def resize_layers(model: nn.Module, resized: dict, label: str) -> None:
     """Give each recorded layer its recorded sizes, with parameters and buffers of the matching shapes
     (their values come from the checkpoint)."""
     modules = dict(model.named_modules())
     for name, sizes in resized.items():
         module = modules.get(name)
         if module is None:
-            raise SipaError(f"architecture ({model.spec['name'] if hasattr(model, 'spec') else ''}): "
-                            f"recorded layer {name!r} is not in the network")
+            raise SipaError(f"architecture ({label}): recorded layer {name!r} is not in the network")
         for attr, n in sizes.items():
             setattr(module, attr, n)
         for pname, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

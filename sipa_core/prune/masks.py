@@ -226,12 +226,17 @@ def remove_filters(model: nn.Module, ratio: float, example: torch.Tensor, *, sco
     return before - _channel_count(model, classifier)
 
 
+def records_filters(model: nn.Module) -> bool:
+    """Whether a filter-pruned ``model`` can be recorded so that a checkpoint rebuilds it."""
+    return hasattr(model, "channel_counts") or model.spec.get("family") in SOURCE_FAMILIES
+
+
 def refresh_spec(model: nn.Module) -> dict:
     """Record a filter-pruned network's channel counts in its spec (so checkpoints rebuild it): an
     EfficientNet's per block, any other network's as its resized layers (``models.sources``)."""
+    if not records_filters(model):
+        raise SipaError(f"filter pruning: the {model.spec.get('family')} family records no channel counts")
     if not hasattr(model, "channel_counts"):
-        if model.spec.get("family") not in SOURCE_FAMILIES:
-            raise SipaError(f"filter pruning: the {model.spec.get('family')} family records no channel counts")
         fresh = create_model({k: v for k, v in model.spec.items() if k != "resized"})
         model.spec = {**model.spec, "resized": resized_layers(model, fresh)}
         return model.spec

@@ -22,10 +22,10 @@ from sipa_core.errors import SipaError
 from sipa_core.faults import fault_point
 from sipa_core.lineage import Lineage, input_lineage, refuse_trained_split
 from sipa_core.models import create_model
-from sipa_core.models.sources import SOURCE_FAMILIES
 from sipa_core.prune.cost import masks_for_score, weight_costs
 from sipa_core.prune.gradual import GradualPruner
-from sipa_core.prune.masks import apply_masks, magnitude_masks, refresh_spec, remove_filters, sparsity
+from sipa_core.prune.masks import (apply_masks, magnitude_masks, records_filters, refresh_spec, remove_filters,
+                                   sparsity)
 from sipa_core.resume import file_digest, keep, load_kept, run_key
 from sipa_core.stage_common import load_data, load_input_model, score_metrics
 from sipa_core.train import configure_model, evaluate, fit
@@ -99,8 +99,7 @@ def prepare_run(cfg: dict, params_file: str, progress):
     data = load_data(cfg["data"], f"{where}.data")
     source = Path(cfg["model"])
     model, ckpt = load_input_model(source, data, f"{where}.model", "improving")
-    if cfg["granularity"] == "filter" and not hasattr(model, "channel_counts") \
-            and model.spec.get("family") not in SOURCE_FAMILIES:
+    if cfg["granularity"] == "filter" and not records_filters(model):
         raise SipaError(f"{where}.granularity: filter pruning records no channel counts for the "
                         f"{model.spec.get('family')} family (weight granularity prunes it)")
     split = cfg["select_split"]
