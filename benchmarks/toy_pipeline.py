@@ -11,8 +11,9 @@ BatchNorm, pruning rounds, exit, widths) except what sets the scale: the data is
 CIFAR-10 subset shipped in the repository (no network), a few images per class; every epoch
 count is 1; no accuracy bar (``min_accuracy`` and ``max_drop`` off: a toy network reaches
 none). ``--dry`` (the CPU, in the test suite): fewer images, the first and last pruning and
-exit rounds only, no extra quantization widths. The pipeline's code and ``dvc.yaml`` are
-copied into the work folder and run there with ``dvc repro``; one JSON line per stage
+exit rounds only, no extra quantization widths, the report's latency timed briefly. The
+pipeline's code and ``dvc.yaml`` are copied into the work folder and run there with
+``dvc repro``; one JSON line per stage
 (device, processes, wall time, images trained, accuracy, score; the quantizing stage's
 integer ONNX kernels), then a summary line. A check that the stages run, not a measurement
 of accuracy.
@@ -60,6 +61,10 @@ def toy_params(profile: dict, images: int, dry: bool, processes: int) -> dict:
         p["prune"]["schedule"] = first_and_last(p["prune"]["schedule"])
         p["accelerate"]["exit_schedule"] = first_and_last(p["accelerate"].get("exit_schedule", []))
         p["quantize"]["compare_widths"] = []
+        report = p.setdefault("report", {})
+        if report.get("latency", {}) is not None:  # timed, briefly: 20 single images, one pass in batches
+            report["latency"] = {"threads": 2, "batch": 256, **(report.get("latency") or {}), "singles": 20,
+                                 "rounds": 1}
     return p
 
 

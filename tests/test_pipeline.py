@@ -72,6 +72,7 @@ TINY_IMPROVE = dict(candidates=["larger_lr"], trial_epochs=1, final_epochs=1,
 TINY_PRUNE = dict(schedule=[0.3, 0.5, 0.6], epochs=1, max_drop=None)
 TINY_ACCELERATE = dict(positions=[2], epochs=1, thresholds=[0.2, 0.4, 0.6, 0.8], max_drop=0.3)
 TINY_QUANTIZE = dict(epochs=1, exit_epochs=1, compare_widths=["W4A4"], calibration_batches=1)
+TINY_REPORT = dict(latency={"threads": 2, "singles": 20, "batch": 64, "rounds": 1})  # timed briefly
 ALL = {"prepare", "search", "improve", "prune", "accelerate", "quantize", "report"}
 
 
@@ -80,7 +81,9 @@ def stages_run(output: str) -> set[str]:
 
 
 def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
-    """dvc repro end to end, then one pruning experiment and one report-only change."""
+    """dvc repro end to end (killed once and resumed), its outputs checked, a remote round trip,
+    code changes that mark only their stages, a queued report-only experiment, and one pruning
+    experiment in the workspace."""
     path, env = project
     set_params(path, source="imagefolder", root=str(cifar10_jpeg), val_size=50, images_per_class=30,
                test_images_per_class=10)
@@ -89,6 +92,7 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     set_params(path, "prune", **TINY_PRUNE)
     set_params(path, "accelerate", **TINY_ACCELERATE)
     set_params(path, "quantize", **TINY_QUANTIZE)
+    set_params(path, "report", **TINY_REPORT)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
 
@@ -156,10 +160,8 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "first run"], path, env)
     _remote_round_trip(path, env)
-    exp = run(["dvc", "exp", "run", "-S", "report.title=Another title"], path, env)
-    assert stages_run(exp.stdout) == {"report"}  # only the report's own params changed
-    assert "# Another title" in (path / "reports/table1.md").read_text()
-    run(["git", "checkout", "--", "."], path, env)
+    _code_changes_mark_only_their_stages(path, env)
+    _queued_experiment_runs_only_what_changed(path, env)
 
     exp = run(["dvc", "exp", "run", "-S", "prune.schedule=[0.4,0.7]"], path, env)
     assert stages_run(exp.stdout) == {"prune", "accelerate", "quantize", "report"}
@@ -169,6 +171,58 @@ def test_whole_pipeline_under_dvc(project, cifar10_jpeg):
     assert diff["metrics/prune.json"]["score"]["diff"] < 0  # sparser: a lower score
     shown = run(["dvc", "metrics", "diff"], path, env).stdout
     assert "metrics/prune.json" in shown and "score" in shown
+
+
+def _code_changes_mark_only_their_stages(path, env):
+    """A change to a file the prune stage imports marks prune (and accelerate, quantize and report,
+    which import it too: the report builds every stage's network to time it) changed, not search
+    or improve; a change to quantization-aware training marks the quantizing stage and the report
+    alone (the earlier stages' caches stay), one to a data source's reader the prepare stage
+    alone, one to the code every stage shares all of them."""
+    def changed_by(module: str) -> set[str]:
+        file = path / module
+        original = file.read_text()
+        file.write_text(original + "\n# touched\n")
+        try:
+            return set(json.loads(run(["dvc", "status", "--json"], path, env).stdout))
+        finally:
+            file.write_text(original)
+
+    assert changed_by("sipa_core/prune/masks.py") == {"prune", "accelerate", "quantize", "report"}
+    for module in ("qat.py", "quantizers.py", "record.py"):
+        assert changed_by(f"sipa_core/quantize/{module}") == {"quantize", "report"}, module
+    assert changed_by("sipa_core/data/sources.py") == {"prepare"}
+    assert changed_by("sipa_core/io.py") == ALL
+    assert json.loads(run(["dvc", "status", "--json"], path, env).stdout) == {}
+
+
+def _queued_experiment_runs_only_what_changed(path, env):
+    """`dvc exp run --queue` of a report-only change, then `dvc queue start`: the queued run (in a
+    copy of the workspace) takes every model stage from the cache and runs the report alone."""
+    queued = run(["dvc", "exp", "run", "--queue", "-S", "report.title=Another title"], path, env)
+    found = re.search(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
+    assert found, queued.stdout + queued.stderr
+    name = found.group(1)
+    try:
+        run(["dvc", "queue", "start"], path, env)
+        assert "Success" in _wait_for_queue(path, env, name)
+        log = run(["dvc", "queue", "logs", name], path, env).stdout
+    finally:
+        run(["dvc", "queue", "stop", "--kill"], path, env, check=False)
+    assert stages_run(log) == {"report"}, log
+    shown = json.dumps(json.loads(run(["dvc", "exp", "show", "--json"], path, env).stdout))
+    assert name in shown and "Another title" in shown
+
+
+def _wait_for_queue(path, env, name, timeout=600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], path, env).stdout
+        line = next((row for row in status.splitlines() if name in row), "")
+        if "Success" in line or "Failed" in line:
+            return line
+        time.sleep(3)
+    raise AssertionError(f"queued experiment {name} did not finish:\n{status}")
 
 
 def _check_improve_metrics(path):

@@ -216,20 +216,21 @@ def test_quantizing_a_quantized_checkpoint_is_refused(tmp_path, accelerated, run
     assert code == 2 and "is already quantized (W8A8" in err, err
 
 
+# A width schedule with learned weight scales, killed in the final step's first epoch: the
+# finished W8A8 step is restored, the final step resumes after its first epoch.
+KILLED_RUN = {"weight_bits": 4, "act_bits": 4, "schedule": [8], "schedule_epochs": 2, "weight_scale": "learned",
+              "scale_lr": 0.002}
+
+
 @pytest.mark.slow  # stage subprocesses, one killed
-@pytest.mark.parametrize("quant, kill, resumed", [
-    ({}, "epoch:1", "resuming after epoch 1/2"),
-    # A width schedule: killed in the final step's first epoch; the finished W8A8 step is restored.
-    ({"weight_bits": 4, "act_bits": 4, "schedule": [8], "schedule_epochs": 2, "weight_scale": "learned",
-      "scale_lr": 0.002}, "epoch:3", "resuming after epoch 1/2"),
-], ids=["W8A8", "schedule"])
-def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated, quant, kill, resumed):
+def test_a_killed_quantize_run_resumes_to_the_same_network(tmp_path, accelerated):
     """Killed after a QAT epoch and run again: it resumes there (not from scratch) and ends with
     the uninterrupted run's network, bit for bit. (It once did not: loading the saved state made
     Brevitas replace its activation scale and zero-point parameters, so the optimizer, built
     before, trained stale copies and the resumed run's scales stopped learning.) A second
     uninterrupted run in a fresh process gives the same metrics: the stage is deterministic."""
     root, acc = accelerated
+    quant, kill, resumed = KILLED_RUN, "epoch:3", "resuming after epoch 1/2"
     outs, metrics = {}, {}
     for name, fault in (("whole", None), ("killed", kill), ("again", None)):
         (tmp_path / name).mkdir()
