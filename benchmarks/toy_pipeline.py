@@ -63,8 +63,7 @@ def toy_params(profile: dict, images: int, dry: bool, processes: int) -> dict:
         p["quantize"]["compare_widths"] = []
         report = p.setdefault("report", {})
         if report.get("latency", {}) is not None:  # timed, briefly: 20 single images, one pass in batches
-            report["latency"] = {"threads": 2, "batch": 256, **(report.get("latency") or {}), "singles": 20,
-                                 "rounds": 1}
+            report["latency"] = {**(report.get("latency") or {}), "singles": 20, "rounds": 1}  # the rest: defaults
     return p
 
 
