@@ -89,6 +89,18 @@ class QuantSwish(nn.Module):
         return y if self.output_quant is None else self.output_quant(y)
 
 
+class QuantReLU(nn.ReLU):
+    """A ReLU with its output in 8 unsigned bits (``OutputQuant``; zero point 0, the range starting at
+    0), where it takes the output quantizer of the layer before it (``relus.py``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.output_quant = OutputQuant()
+
+    def forward(self, x):
+        return self.output_quant(torch.relu(x))
+
+
 class QuantSqueezeExcite(SqueezeExcite):
     """``SqueezeExcite`` with its sigmoid gate quantized (``GateQuant``)."""
 
@@ -107,9 +119,10 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def quantize_activations(model: nn.Module) -> int:
-    """Every swish (``nn.SiLU``) and squeeze-excitation block of ``model`` with its sigmoid quantized;
-    returns how many. Run after the conv layers are quantized (the SE's convs stay as they are)."""
+def quantize_activations(model: nn.Module, relus=()) -> int:
+    """Every swish (``nn.SiLU``) and squeeze-excitation block of ``model`` with its sigmoid quantized,
+    and each ReLU named in ``relus`` with its output quantized (``QuantReLU``); returns how many. Run
+    after the conv layers are quantized (the SE's convs stay as they are)."""
     blocks = [(n, m) for n, m in model.named_modules() if type(m) is SqueezeExcite]
     for name, se in blocks:  # first the blocks, then every swish (inside them too)
         _replace(model, name, QuantSqueezeExcite(se))
@@ -117,9 +130,11 @@ def quantize_activations(model: nn.Module) -> int:
     swishes = [n for n, m in model.named_modules() if type(m) is nn.SiLU]
     for name in swishes:
         _replace(model, name, QuantSwish(output_quant=name in shared))
-    if swishes:
+    for name in relus:
+        _replace(model, name, QuantReLU())
+    if swishes or relus:
         model.to(next(model.parameters()).device)
-    return len(blocks) + len(swishes)
+    return len(blocks) + len(swishes) + len(relus)
 
 
 def _shared_swishes(model: nn.Module) -> set[str]:
@@ -144,11 +159,13 @@ def observe_outputs(part: nn.Module) -> list[OutputQuant]:
 
 
 def float_activations(model: nn.Module) -> None:
-    """The inverse, for the scorer's float twin: plain swish and SE blocks (the same arithmetic
+    """The inverse, for the scorer's float twin: plain swish, ReLU and SE blocks (the same arithmetic
     without the quantizers, which are not counted)."""
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantSwish):
             _replace(model, name, nn.SiLU())
+        elif isinstance(m, QuantReLU):
+            _replace(model, name, nn.ReLU())
         elif isinstance(m, QuantSqueezeExcite):
             plain = SqueezeExcite.__new__(SqueezeExcite)
             nn.Module.__init__(plain)

@@ -82,6 +82,11 @@ QUANTIZE_SCHEMA = {
                               "its activation): onnxruntime then runs each layer as one integer kernel (QLinearConv, "
                               "QGemm); null: float outputs, the layers run as ConvInteger with float arithmetic "
                               "around them (slower)"),
+    "fuse_relu": Field(bool, True,
+                       help="a ReLU that reads an integer layer's output alone takes that layer's output "
+                            "quantizer (unsigned, zero point 0), so onnxruntime folds the ReLU into the layer's "
+                            "kernel; false: quantized before the ReLU, which runs in float between them "
+                            "(needs output_bits and act_quantizers: fitted)"),
     "weight_scale": Field(str, "stats", choices=WEIGHT_SCALES,
                           help="stats: per-channel scale from max |w| at every step; learned: trained, "
                                "MSE-initialised (LSQ)"),
@@ -149,6 +154,10 @@ def inactive(cfg: dict, raw: dict) -> list[str]:
     """Keys set in the file that these settings do not use."""
     out = [f"quantize.{k}: layer_widths is uniform" for k in ("width_choices", "budget", "max_drop")
            if k in raw and cfg["layer_widths"] == "uniform"]
+    if "fuse_relu" in raw and (cfg["output_bits"] is None or cfg["act_quantizers"] != "fitted"):
+        out.append("quantize.fuse_relu: " + ("output_bits is null (no output quantizer to move)"
+                                             if cfg["output_bits"] is None else "act_quantizers is signed "
+                                             "(onnxruntime folds a ReLU only into an unsigned quantizer)"))
     return out + _inactive_schedule(cfg, raw)
 
 

@@ -27,9 +27,12 @@ Two more moves, exact as well, let the pooling and the padding run on the quanti
   it and pads the uint8 tensor with the zero point: Q(pad(x, 0)) = pad(Q(x), z), rounding
   included, so the swish product before it fuses into ``QLinearMul``.
 
-What onnxruntime still runs in float: a DQ -> Q pair where one layer's output quantizer feeds the
-next layer's input quantizer (a requantization), and in ReLU networks the ReLU, between a
-layer's DequantizeLinear and the next QuantizeLinear.
+A ReLU that took its layer's output quantizer (``relus.py``) sits between the layer and an unsigned
+QuantizeLinear with zero point 0; onnxruntime removes it (``ReluQuantFusion``) before fusing the
+layer. What onnxruntime still runs in float: a DQ -> Q pair where one layer's output quantizer feeds
+the next layer's input quantizer (a requantization), and a ReLU that kept the quantizer before it
+(``quantize.fuse_relu: false``, a ReLU after an addition), between a DequantizeLinear and the next
+QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -61,12 +64,22 @@ def _integer_layers(ix: GraphIndex):
 
 
 def has_output_quantizers(model: onnx.ModelProto) -> bool:
-    """Every integer layer's output read by QuantizeLinear nodes only (and at least one such layer):
-    the graph of a network trained with output quantizers."""
+    """Every integer layer's output read by QuantizeLinear nodes only, or by a ReLU that one
+    QuantizeLinear reads (through a padding; and at least one such layer): the graph of a network
+    trained with output quantizers."""
     ix, readers = GraphIndex(model.graph), _consumers(model.graph)
+
+    def quantized(name: str) -> bool:
+        rs = readers[name]
+        if len(rs) == 1 and rs[0].op_type == "Relu":
+            rs = readers[rs[0].output[0]]
+            if len(rs) == 1 and rs[0].op_type == "Pad":
+                rs = readers[rs[0].output[0]]
+            return len(rs) == 1 and rs[0].op_type == "QuantizeLinear"
+        return bool(rs) and all(r.op_type == "QuantizeLinear" for r in rs)
+
     layers = list(_integer_layers(ix))
-    return bool(layers) and all(readers[n.output[0]] and all(r.op_type == "QuantizeLinear"
-                                                              for r in readers[n.output[0]]) for n in layers)
+    return bool(layers) and all(quantized(n.output[0]) for n in layers)
 
 
 def _activation_quantizers(ix: GraphIndex):

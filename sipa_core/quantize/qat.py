@@ -36,18 +36,12 @@ from sipa_core.errors import SipaError
 from sipa_core.models.layers import SameConv2d
 from sipa_core.quantize.activations import float_activations, observe_outputs, quantize_activations
 from sipa_core.quantize.quantizers import Quantizers, brevitas_quantizers, quantization_targets
+from sipa_core.quantize.relus import LayerTracer, relu_outputs
 from sipa_core.scoring.bits import BitWidths
 from sipa_core.train.evaluation import integer_weights
 
 FLOAT_BITS = 16  # a layer at this width or wider is left in floating point
 MIN_BITS = 2
-
-
-class _LayerTracer(torch.fx.Tracer):
-    """Every conv, linear and BatchNorm is one call, subclasses (SameConv2d) included."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
 def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -56,7 +50,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     ``conv1`` / ``bn1`` too), or, where the forward cannot be traced, by adjacency in a Sequential."""
     modules = dict(model.named_modules())
     try:
-        graph = _LayerTracer().trace(model)
+        graph = LayerTracer().trace(model)
     except Exception:  # noqa: BLE001 - data-dependent control flow: adjacency in Sequentials only
         return [(f"{p}.{a}".lstrip("."), f"{p}.{b}".lstrip(".")) for p, seq in model.named_modules()
                 if isinstance(seq, nn.Sequential) for a, b in zip(list(seq._modules), list(seq._modules)[1:])
@@ -110,10 +104,11 @@ def _quant_classes():
     return qnn, QuantSameConv2d
 
 
-def _quant_twin(module: nn.Module, w_bits: int, a_bits: int, kind: str, quantizers: Quantizers) -> nn.Module:
+def _quant_twin(module: nn.Module, w_bits: int, a_bits: int, kind: str, weight_scale: str,
+                outputs: int | None) -> nn.Module:
     """A Brevitas module computing what ``module`` computes, holding the same tensors."""
     qnn, QuantSameConv2d = _quant_classes()
-    q = brevitas_quantizers(w_bits, a_bits, kind, quantizers.weight_scale, FLOAT_BITS, quantizers.outputs)
+    q = brevitas_quantizers(w_bits, a_bits, kind, weight_scale, FLOAT_BITS, outputs)
     if isinstance(module, nn.Conv2d):
         cls = QuantSameConv2d if isinstance(module, SameConv2d) else qnn.QuantConv2d
         twin = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -144,18 +139,22 @@ def quantize_modules(model: nn.Module, widths: BitWidths, quantizers: Quantizers
     """Replace every Conv2d and Linear of ``model`` by its Brevitas twin at the layer's
     widths (``widths.layer(name)``) with its quantizers (default: every input signed,
     weight scales from statistics); with output quantizers (``quantizers.outputs``) every
-    swish and squeeze-excitation gate gets its sigmoid quantized too (``activations.py``).
+    swish and squeeze-excitation gate gets its sigmoid quantized too (``activations.py``), and
+    a layer whose ReLU takes its output quantizer (``quantizers.relus``, ``relus.py``) has none.
     Run ``fold_batchnorm`` first."""
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise SipaError("quantize: fold BatchNorm before quantizing (fold_batchnorm)")
     quantizers = quantizers or Quantizers()
     targets = quantization_targets(model)
+    moved, own = relu_outputs(quantizers.relus, lambda n: max(widths.layer(n)) < FLOAT_BITS, quantizers.kind)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _quant_twin(module, *widths.layer(name), quantizers.kind(name), quantizers))
+        outputs = None if name in moved else quantizers.outputs
+        setattr(parent, child, _quant_twin(module, *widths.layer(name), quantizers.kind(name),
+                                           quantizers.weight_scale, outputs))
     if quantizers.outputs is not None:
-        quantize_activations(model)
+        quantize_activations(model, own)
     return len(targets)
 
 

@@ -39,6 +39,7 @@ it adds no operation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -105,14 +106,24 @@ def input_ranges(model: nn.Module, batches, part: nn.Module | None = None) -> di
     return {n: (lo, hi) for n, (lo, hi) in ranges.items()}
 
 
+class FusedRelu(NamedTuple):
+    """A ReLU that takes the output quantizer of the layer it reads (``relus.py``)."""
+
+    relu: str
+    layer: str  # the conv or linear layer whose output the ReLU reads alone
+    reader: str | None  # the one layer that reads the ReLU (None: something else does)
+
+
 @dataclass(frozen=True)
 class Quantizers:
-    """The quantizer choice of one network (main or exit): each layer's input kind, and
-    whether weight scales are learned."""
+    """The quantizer choice of one network (main or exit): each layer's input kind, whether
+    weight scales are learned, the outputs' width, and the ReLUs that take their layer's output
+    quantizer."""
 
     inputs: dict = field(default_factory=dict)  # layer name -> INPUT_KINDS (absent: signed)
     weight_scale: str = "stats"
     outputs: int | None = None  # width of every integer layer's output quantizer (None: float outputs)
+    relus: tuple = ()  # FusedRelu each (empty: every output quantized before its activation)
 
     def kind(self, name: str) -> str:
         return self.inputs.get(name, "signed")
@@ -123,21 +134,24 @@ class Quantizers:
 
     def as_record(self) -> dict:
         return {"inputs": dict(sorted(self.inputs.items())), "weight_scale": self.weight_scale,
-                "outputs": self.outputs}
+                "outputs": self.outputs, **({"relus": [list(r) for r in self.relus]} if self.relus else {})}
 
     @classmethod
     def from_record(cls, record: dict | None) -> Quantizers:
         """A checkpoint's record (absent in checkpoints older than this option: every input signed;
-        ``outputs`` absent in those older than output quantizers: float outputs)."""
+        ``outputs`` absent in those older than output quantizers: float outputs; ``relus`` absent in
+        those older than ReLU fusion: none)."""
         if not record:
             return cls()
         inputs, scale = dict(record.get("inputs", {})), record.get("weight_scale", "stats")
-        outputs = record.get("outputs")
+        outputs, relus = record.get("outputs"), record.get("relus", [])
         bad = [k for k in inputs.values() if k not in INPUT_KINDS]
         if bad or scale not in WEIGHT_SCALES or not (outputs is None or isinstance(outputs, int)):
             raise SipaError(f"malformed quantizer record (input kind {bad[:1]} / weight scale {scale!r} / "
                             f"outputs {outputs!r})")
-        return cls(inputs, scale, outputs)
+        if not all(isinstance(r, list) and len(r) == 3 for r in relus):
+            raise SipaError(f"malformed quantizer record (relus {relus!r:.60})")
+        return cls(inputs, scale, outputs, tuple(FusedRelu(*r) for r in relus))
 
 
 def fitted_quantizers(model: nn.Module, batches, act: str, weight_scale: str,

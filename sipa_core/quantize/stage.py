@@ -46,8 +46,8 @@ from sipa_core.train.recipe import check_recipe, speed_settings
 
 WIDTH_COLUMNS = ["widths", "weight_bits", "act_bits", "val_accuracy", "accuracy", "exit_ratio", "threshold",
                  "params_bytes", "ops", "score", "score_tree", "chosen"]
-KEY_FIELDS = ("exit_epochs", "calibration_batches", "act_quantizers", "output_bits", "weight_scale", "scale_lr",
-              "schedule")
+KEY_FIELDS = ("exit_epochs", "calibration_batches", "act_quantizers", "output_bits", "fuse_relu", "weight_scale",
+              "scale_lr", "schedule")
 
 
 def start_run(cfg: dict, params_file: str, progress) -> QuantRun:

@@ -26,6 +26,7 @@ from sipa_core.lineage import Lineage
 from sipa_core.prune.masks import apply_masks, masks_from_zeros
 from sipa_core.quantize.qat import calibrate, fold_batchnorm, quantize_modules
 from sipa_core.quantize.quantizers import Quantizers, fitted_quantizers, init_weight_scales, is_quantizer_parameter
+from sipa_core.quantize.relus import fusable_relus
 from sipa_core.scoring.bits import BitWidths
 from sipa_core.train import fit
 from sipa_core.train.evaluation import SplitReader, normalized
@@ -73,12 +74,20 @@ class QuantRun:
         return float_exit_network(self.main, self.exit_record, self.cfg["model"])
 
     def fit_quantizers(self) -> None:
-        """Each layer's input quantizer, from the float input network's ranges on the calibration batches."""
+        """Each layer's input quantizer, from the float input network's ranges on the calibration batches,
+        and the ReLUs that take their layer's output quantizer (``fuse_relu``)."""
         act, scale, outputs = self.cfg["act_quantizers"], self.cfg["weight_scale"], self.cfg["output_bits"]
-        self.quantizers = fitted_quantizers(self.main, self.batches(), act, scale, outputs=outputs)
+        self.quantizers = self._with_relus(fitted_quantizers(self.main, self.batches(), act, scale, outputs=outputs),
+                                           self.main)
         if self.exit_record is not None:
             net = self.float_exit_net()
-            self.exit_quantizers = fitted_quantizers(net, self.batches(), act, scale, part=net.exit, outputs=outputs)
+            self.exit_quantizers = self._with_relus(
+                fitted_quantizers(net, self.batches(), act, scale, part=net.exit, outputs=outputs), net.exit)
+
+    def _with_relus(self, quantizers: Quantizers, module: torch.nn.Module) -> Quantizers:
+        if not self.cfg["fuse_relu"] or quantizers.outputs is None or self.cfg["act_quantizers"] != "fitted":
+            return quantizers
+        return replace(quantizers, relus=fusable_relus(module))
 
     def exit_widths(self, widths: BitWidths) -> BitWidths:
         """The exit's widths: the defaults without per-layer overrides, its own unsigned inputs."""
