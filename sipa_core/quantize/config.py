@@ -10,6 +10,7 @@ from sipa_core.errors import SipaError
 from sipa_core.params import Field, check_section, refuse_keys
 from sipa_core.paths import path_fields, read_params
 from sipa_core.quantize.quantizers import ACT_QUANTIZERS, WEIGHT_SCALES
+from sipa_core.quantize.relus import why_not_fused
 from sipa_core.quantize.training import QAT_RECIPE, schedule_steps
 from sipa_core.scoring.bits import BitWidths, parse_add
 from sipa_core.train.recipe import check_recipe
@@ -154,10 +155,8 @@ def inactive(cfg: dict, raw: dict) -> list[str]:
     """Keys set in the file that these settings do not use."""
     out = [f"quantize.{k}: layer_widths is uniform" for k in ("width_choices", "budget", "max_drop")
            if k in raw and cfg["layer_widths"] == "uniform"]
-    if "fuse_relu" in raw and (cfg["output_bits"] is None or cfg["act_quantizers"] != "fitted"):
-        out.append("quantize.fuse_relu: " + ("output_bits is null (no output quantizer to move)"
-                                             if cfg["output_bits"] is None else "act_quantizers is signed "
-                                             "(onnxruntime folds a ReLU only into an unsigned quantizer)"))
+    if "fuse_relu" in raw and why_not_fused(cfg):
+        out.append(f"quantize.fuse_relu: {why_not_fused(cfg)}")
     return out + _inactive_schedule(cfg, raw)
 
 

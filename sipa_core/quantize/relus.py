@@ -38,6 +38,15 @@ class LayerTracer(torch.fx.Tracer):
         return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
+def why_not_fused(cfg: dict) -> str | None:
+    """Why the quantize section's settings leave ``fuse_relu`` without effect; None where it applies."""
+    if cfg["output_bits"] is None:
+        return "output_bits is null (no output quantizer to move)"
+    if cfg["act_quantizers"] != "fitted":
+        return "act_quantizers is signed (onnxruntime folds a ReLU only into an unsigned quantizer)"
+    return None
+
+
 def fusable_relus(module: nn.Module) -> tuple[FusedRelu, ...]:
     """The ReLUs of ``module`` that read a conv or linear layer's output alone, each with that layer
     and the one layer reading the ReLU (None where something else reads it); none where the forward

@@ -26,7 +26,7 @@ from sipa_core.lineage import Lineage
 from sipa_core.prune.masks import apply_masks, masks_from_zeros
 from sipa_core.quantize.qat import calibrate, fold_batchnorm, quantize_modules
 from sipa_core.quantize.quantizers import Quantizers, fitted_quantizers, init_weight_scales, is_quantizer_parameter
-from sipa_core.quantize.relus import fusable_relus
+from sipa_core.quantize.relus import fusable_relus, why_not_fused
 from sipa_core.scoring.bits import BitWidths
 from sipa_core.train import fit
 from sipa_core.train.evaluation import SplitReader, normalized
@@ -85,7 +85,7 @@ class QuantRun:
                 fitted_quantizers(net, self.batches(), act, scale, part=net.exit, outputs=outputs), net.exit)
 
     def _with_relus(self, quantizers: Quantizers, module: torch.nn.Module) -> Quantizers:
-        if not self.cfg["fuse_relu"] or quantizers.outputs is None or self.cfg["act_quantizers"] != "fitted":
+        if not self.cfg["fuse_relu"] or why_not_fused(self.cfg):
             return quantizers
         return replace(quantizers, relus=fusable_relus(module))
 
